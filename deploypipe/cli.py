@@ -1,0 +1,335 @@
+"""The command line: run a pipeline, one command per stage, list stages, the demo, the UI.
+
+Exit codes: 0 success, 1 a stage failed (its MLflow run is FAILED, earlier results kept),
+2 bad usage, config or input (one line naming the problem and the fix; nothing written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+import yaml
+
+from .config import PipelineConfig, load_pipeline, validate
+from .errors import InputError, StageFailed
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _demo_yaml() -> Path:
+    """examples/demo.yaml: from the source tree, or from the installed package data."""
+    candidates = [EXAMPLES_DIR / "demo.yaml"]
+    try:
+        from importlib.resources import files
+
+        candidates.append(Path(str(files("deploypipe.examples") / "demo.yaml")))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise InputError("examples/demo.yaml is not installed", "reinstall deploypipe (pip install -e .)")
+
+
+# --------------------------------------------------------------------------- common options
+def common_params() -> list[click.Option]:
+    return [
+        click.Option(["--workdir"], type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
+                     show_default=True, help="where the MLflow store (mlflow.db, mlartifacts/) and outputs live"),
+        click.Option(["--tracking-uri"], default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+                     "then sqlite:///<workdir>/mlflow.db)"),
+        click.Option(["--experiment"], default=None, help="MLflow experiment name"),
+        click.Option(["--device"], default=None, help="auto | cpu | cuda | cuda:N"),
+        click.Option(["--seed"], type=int, default=None, help="seed of training and sampling"),
+        click.Option(["--json", "as_json"], is_flag=True, help="print a JSON summary (metrics, artifact paths) as the last line"),
+    ]
+
+
+def common_options(fn: Callable) -> Callable:
+    fn.__click_params__ = [*getattr(fn, "__click_params__", []), *reversed(common_params())]
+    return fn
+
+
+def _execute(cfg: PipelineConfig, workdir: Path, out: Optional[Path], only: Optional[list[str]], force: bool,
+             tracking_uri: Optional[str], experiment: Optional[str], device: Optional[str], seed: Optional[int],
+             as_json: bool, where: str) -> None:
+    from .pipeline import Pipeline
+
+    pipe = Pipeline(cfg, workdir, out_dir=out, tracking_uri=tracking_uri, experiment=experiment, device=device,
+                    seed=seed, show_progress=sys.stderr.isatty(), where=where)
+    summary = pipe.run(only=only, force=force)
+    _print_summary(summary, workdir, as_json)
+
+
+def _print_summary(summary: Any, workdir: Path, as_json: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=as_json)
+    table = Table(title=f"pipeline '{summary.name}' — {summary.seconds:.1f} s")
+    for col in ("stage", "status", "seconds", "metrics", "output"):
+        table.add_column(col)
+    for s in summary.stages:
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in list(s.metrics.items())[:6])
+        table.add_row(s.id, s.status, f"{s.seconds:.1f}", shown, s.model or s.dir or "")
+    console.print(table)
+    if summary.tracking_uri.startswith("sqlite"):
+        console.print(f"MLflow: {summary.tracking_uri} — open the UI with: deploypipe ui --workdir {workdir}")
+    else:
+        console.print(f"MLflow: {summary.tracking_uri} (run {summary.run_id})")
+    if as_json:
+        click.echo(json.dumps(summary.to_json()))
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4f}" if isinstance(v, float) and abs(v) < 1000 else f"{v:.0f}"
+
+
+# --------------------------------------------------------------------------- group
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="deploypipe")
+def cli() -> None:
+    """deploypipe: make a trained PyTorch model ship — smaller, faster, certified, tracked in MLflow.
+
+    \b
+    Examples:
+      deploypipe demo                                   # embedded digits data, < 5 min on 2 cores
+      deploypipe run examples/demo.yaml --workdir runs  # a YAML pipeline
+      deploypipe train --model zoo:resnet20 --data imagefolder:../shared/data/cifar10 --epochs 15
+      deploypipe evaluate --model runs/train/train/model --data imagefolder:../shared/data/cifar10
+      deploypipe stages                                 # every stage and its options
+      deploypipe ui                                     # MLflow UI on http://127.0.0.1:5000
+    """
+
+
+@cli.command("run")
+@click.argument("pipeline", type=click.Path(path_type=Path))
+@click.option("--stage", "only", multiple=True, help="run only this stage id (repeatable); earlier stages must be finished")
+@click.option("--force", is_flag=True, help="rerun stages even when their config and inputs are unchanged")
+@common_options
+def run_cmd(pipeline: Path, only: tuple[str, ...], force: bool, workdir: Path, tracking_uri: Optional[str],
+            experiment: Optional[str], device: Optional[str], seed: Optional[int], as_json: bool) -> None:
+    """Run a pipeline YAML; finished stages with unchanged config and inputs are skipped.
+
+    \b
+    Outputs land in <workdir>/<pipeline name>/<stage id>/ (result.json, model/, tables, plots).
+    Examples:
+      deploypipe run examples/demo.yaml
+      deploypipe run pipeline.yaml --stage evaluate --force
+      deploypipe run pipeline.yaml --tracking-uri http://127.0.0.1:5000 --json
+    """
+    cfg = load_pipeline(pipeline)
+    _execute(cfg, workdir, None, list(only) or None, force, tracking_uri, experiment, device, seed, as_json, str(pipeline))
+
+
+@cli.command("demo")
+@click.option("--force", is_flag=True, help="rerun even finished stages")
+@common_options
+def demo_cmd(force: bool, workdir: Path, tracking_uri: Optional[str], experiment: Optional[str],
+             device: Optional[str], seed: Optional[int], as_json: bool) -> None:
+    """Run examples/demo.yaml on the embedded digits data (offline, a few minutes on 2 cores).
+
+    \b
+    Example:
+      deploypipe demo && deploypipe ui
+    """
+    path = _demo_yaml()
+    cfg = load_pipeline(path)
+    _execute(cfg, workdir, None, None, force, tracking_uri, experiment, device, seed, as_json, str(path))
+
+
+@cli.command("stages")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable list")
+def stages_cmd(as_json: bool) -> None:
+    """List the stages and their options (the keys of a pipeline's stage entries)."""
+    from .stage import load_stages
+
+    registry = load_stages()
+    out = {name: {"help": s.help, "options": _schema_rows(s.config)} for name, s in sorted(registry.items())}
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for name, info in out.items():
+        table = Table(title=f"{name} — {info['help']}", title_justify="left")
+        for col in ("option", "type", "default", "description"):
+            table.add_column(col)
+        for row in info["options"]:
+            table.add_row(row["name"], row["type"], row["default"], row["description"])
+        console.print(table)
+
+
+def _schema_rows(schema: type) -> list[dict]:
+    rows = []
+    for name, f in schema.model_fields.items():
+        ann = f.annotation
+        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        if typing.get_origin(ann) is typing.Literal:
+            tname = " | ".join(map(str, typing.get_args(ann)))
+        default = f.get_default(call_default_factory=True)
+        rows.append({"name": name, "type": tname, "default": json.dumps(default, default=str), "description": f.description or ""})
+    return rows
+
+
+@cli.command("ui")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
+              help="the work directory whose mlflow.db to serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (keep 127.0.0.1 unless behind a proxy)")
+@click.option("--port", type=int, default=5000, show_default=True)
+def ui_cmd(workdir: Path, host: str, port: int) -> None:
+    """Serve the local MLflow store of a work directory with `mlflow server` on 127.0.0.1.
+
+    \b
+    Example:
+      deploypipe demo && deploypipe ui --port 5000   # then open http://127.0.0.1:5000
+    """
+    db = workdir / "mlflow.db"
+    if not db.is_file():
+        raise InputError(f"no MLflow store at {db}", "run a pipeline first (deploypipe demo) or pass --workdir")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db.resolve()}",
+           "--artifacts-destination", str((workdir / "mlartifacts").resolve()), "--host", host,
+           "--port", str(port), "--workers", "1"]
+    click.echo(f"MLflow UI for {workdir} at http://{host}:{port}  (Ctrl-C to stop)", err=True)
+    try:
+        raise SystemExit(subprocess.call(cmd))
+    except KeyboardInterrupt:
+        raise SystemExit(0)
+
+
+# --------------------------------------------------------------------------- one command per stage
+def _click_type(ann: Any) -> tuple[Any, bool]:
+    """(click type, is_flag) for a pydantic field annotation."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        inner = [a for a in args if a is not type(None)]
+        return _click_type(inner[0]) if len(inner) == 1 else (str, False)
+    if origin is typing.Literal:
+        return click.Choice([str(a) for a in args]), False
+    if ann is bool:
+        return bool, True
+    if ann in (int, float, str):
+        return ann, False
+    if ann is Path:
+        return click.Path(path_type=Path), False
+    return str, False  # lists and mappings: given as YAML, e.g. '[2, 4, 8]'
+
+
+def _stage_command(name: str, schema: type, help_text: str) -> click.Command:
+    params: list[click.Parameter] = []
+    for field, f in schema.model_fields.items():
+        ctype, flag = _click_type(f.annotation)
+        opt = "--" + field.replace("_", "-")
+        desc = f"{f.description or ''} [default: {f.get_default(call_default_factory=True)}]"
+        if flag:
+            params.append(click.Option([f"{opt}/--no-{field.replace('_', '-')}", field], default=None, help=desc))
+        else:
+            params.append(click.Option([opt, field], type=ctype, default=None, help=desc))
+
+    def callback(**kw: Any) -> None:
+        common = {k: kw.pop(k) for k in ("workdir", "tracking_uri", "experiment", "device", "seed", "as_json")}
+        model = {"spec": kw.pop("model"), "checkpoint": kw.pop("checkpoint"), "mean": kw.pop("mean"), "std": kw.pop("std")}
+        model = {k: v for k, v in model.items() if v is not None}
+        for k in ("mean", "std"):
+            if k in model:
+                model[k] = [float(x) for x in str(model[k]).split(",")]
+        data = {"source": kw.pop("data")}
+        for k in ("calib_size", "limit_train", "limit_test", "image_size"):
+            if kw.get(k) is not None:
+                data[k] = kw.pop(k)
+            else:
+                kw.pop(k)
+        out = kw.pop("out")
+        stage_cfg = {}
+        for k, v in kw.items():
+            if v is None:
+                continue
+            ann = schema.model_fields[k].annotation
+            stage_cfg[k] = yaml.safe_load(v) if (isinstance(v, str) and _click_type(ann)[0] is str and ann is not str
+                                                 and str not in typing.get_args(ann)) else v
+        cfg = validate(PipelineConfig, {"name": name, "model": model, "data": data, "stages": [{name: stage_cfg}]},
+                       f"deploypipe {name}")
+        _execute(cfg, common["workdir"], out, None, True, common["tracking_uri"], common["experiment"],
+                 common["device"], common["seed"], common["as_json"], f"deploypipe {name}")
+
+    params += [
+        click.Option(["--model", "model"], required=True, help="zoo:NAME, package.module:factory, or a saved model/ folder"),
+        click.Option(["--checkpoint"], type=click.Path(path_type=Path), default=None, help="state dict for the model (weights_only=True)"),
+        click.Option(["--mean"], default=None, help="per-channel mean for a user model, e.g. 0.49,0.48,0.45"),
+        click.Option(["--std"], default=None, help="per-channel std for a user model"),
+        click.Option(["--data", "data"], default="digits", show_default=True, help="digits | imagefolder:PATH | torchvision:CIFAR10"),
+        click.Option(["--calib-size"], type=int, default=None, help="calibration images from the train split"),
+        click.Option(["--limit-train"], type=int, default=None, help="use only N training images"),
+        click.Option(["--limit-test"], type=int, default=None, help="use only N test images"),
+        click.Option(["--image-size"], type=int, default=None, help="resize image-folder images to this size"),
+        click.Option(["--out"], type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help=f"output folder (default <workdir>/{name}); the stage writes <out>/{name}/"),
+    ]
+    cmd = click.Command(name, callback=callback, params=params + common_params(), help=(
+        f"{help_text}.\n\nRuns a one-stage pipeline; options are the stage's config keys (see 'deploypipe stages').\n\n"
+        f"\b\nExample:\n  deploypipe {name} --model zoo:digits_cnn --data digits --out runs/{name}-example"))
+    return cmd
+
+
+class _Lazy(click.Group):
+    """Adds one command per registered stage when the CLI is first used."""
+
+    def _ensure(self) -> None:
+        if getattr(self, "_loaded", False):
+            return
+        self._loaded = True
+        from .stage import load_stages
+
+        for name, sdef in load_stages().items():
+            if name not in self.commands:
+                self.add_command(_stage_command(name, sdef.config, sdef.help))
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._ensure()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+        if name not in self.commands:
+            self._ensure()
+        return super().get_command(ctx, name)
+
+
+cli.__class__ = _Lazy
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="deploypipe", standalone_mode=False)
+    except InputError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except click.UsageError as err:
+        cmd = err.ctx.command_path if err.ctx else "deploypipe"
+        click.echo(f"error: {err.format_message()} — fix: see '{cmd} --help'", err=True)
+        sys.exit(2)
+    except click.ClickException as err:
+        click.echo(f"error: {err.format_message()}", err=True)
+        sys.exit(err.exit_code if err.exit_code != 1 else 2)
+    except StageFailed as err:
+        click.echo(f"error: {err} (earlier stages' outputs are kept; the MLflow run is marked FAILED)", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted (finished stages are kept; rerun to resume)", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

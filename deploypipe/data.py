@@ -1,0 +1,284 @@
+"""Data sources and deterministic train / calibration / test splits.
+
+Sources (``DataSpec.source``):
+- ``digits``: scikit-learn's bundled 8×8 handwritten digits (1,797 images, offline) — the embedded
+  default. No test split ships with it, so a seeded stratified share is held out.
+- ``imagefolder:PATH``: ``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` (torchvision's
+  ImageFolder layout, e.g. ../shared/data/cifar10). Decoded once into a uint8 array cached under
+  ``$DEPLOYPIPE_CACHE`` (default ~/.cache/deploypipe), so an epoch never re-decodes JPEGs.
+- ``torchvision:CIFAR10[:ROOT]`` (or CIFAR100, MNIST, FashionMNIST): downloaded by torchvision on
+  a machine with internet.
+
+Images are kept in memory as uint8 (or float32 for digits) NCHW tensors and handed out as float32
+batches in [0, 1]. Training augmentation (random crop with padding, horizontal flip for natural
+images) runs on whole batches, not per sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DataSpec
+from .errors import InputError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageSet:
+    """Images (N, C, H, W) as uint8 (0..255) or float32 (0..1), and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index])
+
+    def as_float(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None,
+                augment: Optional["Augment"] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            x = self.as_float(self.images[idx])
+            if augment is not None:
+                x = augment(x, generator)
+            yield x, self.labels[idx]
+
+
+@dataclass
+class Augment:
+    """Standard augmentation on a batch: random crop after zero padding, optional horizontal flip."""
+
+    pad: int
+    flip: bool
+
+    def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if self.pad:
+            padded = F.pad(x, (self.pad,) * 4)
+            dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator)
+            dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator)
+            x = _crop(padded, dy, dx, h, w)
+        if self.flip:
+            flip = torch.rand(n, generator=generator) < 0.5
+            x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+        return x
+
+
+def _crop(padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Per-sample crop of an (N, C, H+2p, W+2p) batch at offsets (dy, dx), by gather."""
+    n, c = padded.shape[:2]
+    rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, c, h, padded.shape[3])
+    x = padded.gather(2, rows)
+    cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, c, h, w)
+    return x.gather(3, cols)
+
+
+@dataclass
+class Splits:
+    """What every stage sees: train, calibration (a seeded subset of train) and test sets."""
+
+    train: ImageSet
+    calib: ImageSet
+    test: ImageSet
+    classes: list[str]
+    augment: Optional[Augment]
+    source: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the training images in [0, 1] (for zoo normalisation),
+        from an evenly strided sample of at most ~10,000 images (folders come sorted by class)."""
+        x = self.train.as_float(self.train.images[::max(1, len(self.train) // 10000)])
+        return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).clamp_min(1e-3).tolist()
+
+
+# --------------------------------------------------------------------------- sources
+def _digits() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
+    return images, torch.from_numpy(d.target.astype(np.int64)), [str(c) for c in d.target_names]
+
+
+def _list_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    if not root.is_dir():
+        raise InputError(f"image folder '{root}' does not exist",
+                         f"create {root}/<class>/<image> or check the data path")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = []
+    for label, cls in enumerate(classes):
+        for entry in sorted(os.scandir(root / cls), key=lambda e: e.name):
+            if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                files.append((entry.path, label))
+    if not files:
+        raise InputError(f"image folder '{root}' has no images",
+                         f"put images in {root}/<class>/ (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return classes, files
+
+
+def _decode(job: tuple[list[str], Optional[int]]) -> np.ndarray:
+    from PIL import Image
+
+    paths, size = job
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            out.append(np.asarray(im, dtype=np.uint8))
+    shapes = {a.shape for a in out}
+    if len(shapes) > 1:
+        raise InputError(f"images have different sizes {sorted(shapes)[:3]}",
+                         "set data.image_size (e.g. 32) so they are resized to one size")
+    return np.stack(out)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DEPLOYPIPE_CACHE", Path.home() / ".cache" / "deploypipe"))
+
+
+def _decode_folder(root: Path, image_size: Optional[int], workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    classes, files = _list_folder(root)
+    stat = hashlib.sha256(json.dumps([str(root.resolve()), image_size, classes]).encode())
+    for path, _ in files:
+        st = os.stat(path)
+        stat.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    cached = cache_dir() / f"imagefolder-{stat.hexdigest()[:24]}.npz"
+    if cached.is_file():
+        with np.load(cached) as z:
+            return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), classes
+    paths = [p for p, _ in files]
+    chunk = 2000
+    jobs = [(paths[i:i + chunk], image_size) for i in range(0, len(paths), chunk)]
+    from rich.progress import track
+
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(track(pool.map(_decode, jobs), total=len(jobs), description=f"decoding {root}",
+                               transient=True))
+    else:
+        parts = [_decode(j) for j in jobs]
+    shapes = {p.shape[1:] for p in parts}
+    if len(shapes) > 1:
+        raise InputError(f"images under '{root}' have different sizes {sorted(shapes)[:3]}",
+                         "set data.image_size (e.g. 32) so they are resized to one size")
+    images = np.ascontiguousarray(np.concatenate(parts).transpose(0, 3, 1, 2))
+    labels = np.array([lbl for _, lbl in files], dtype=np.int64)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, images=images, labels=labels)
+    os.replace(tmp, cached)
+    return torch.from_numpy(images), torch.from_numpy(labels), classes
+
+
+def _torchvision(name: str, root: Optional[str]) -> tuple[tuple, tuple, list[str]]:
+    import torchvision
+
+    known = {"CIFAR10", "CIFAR100", "MNIST", "FashionMNIST"}
+    if name not in known:
+        raise InputError(f"unknown torchvision dataset '{name}'", f"use one of {', '.join(sorted(known))}")
+    root = root or str(cache_dir() / "torchvision")
+    cls = getattr(torchvision.datasets, name)
+    try:
+        sets = [cls(root, train=t, download=True) for t in (True, False)]
+    except Exception as err:  # no internet, bad root
+        raise InputError(f"could not load torchvision:{name} into {root}: {err}",
+                         "run once on a machine with internet, or use imagefolder:PATH") from None
+
+    def arrays(ds) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.as_tensor(np.asarray(ds.data), dtype=torch.uint8)
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        return x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+
+    return arrays(sets[0]), arrays(sets[1]), list(sets[0].classes)
+
+
+def _stratified_holdout(labels: torch.Tensor, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    train, test = [], []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        k = max(1, round(len(idx) * fraction))
+        test.append(idx[:k])
+        train.append(idx[k:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
+def load_data(spec: DataSpec, workers: int = 2) -> Splits:
+    """Build the splits of a data spec: deterministic given ``spec.seed``."""
+    source, _, arg = spec.source.partition(":")
+    g = torch.Generator().manual_seed(spec.seed)
+    natural = True
+    if source == "digits":
+        if arg:
+            raise InputError(f"data source 'digits' takes no argument (got '{spec.source}')", "use 'digits'")
+        images, labels, classes = _digits()
+        tr, te = _stratified_holdout(labels, spec.test_fraction, g)
+        train, test = ImageSet(images[tr], labels[tr]), ImageSet(images[te], labels[te])
+        natural = False
+    elif source == "imagefolder":
+        if not arg:
+            raise InputError("data source 'imagefolder' needs a path", "use imagefolder:PATH with PATH/train and PATH/test")
+        root = Path(arg).expanduser()
+        if not root.is_dir():
+            raise InputError(f"data folder '{root}' does not exist", "check the path given after 'imagefolder:'")
+        if not (root / "train").is_dir():
+            raise InputError(f"data folder '{root}' has no train/ subfolder",
+                             f"lay it out as {root}/train/<class>/* and {root}/test/<class>/*")
+        xtr, ytr, classes = _decode_folder(root / "train", spec.image_size, workers)
+        if (root / "test").is_dir():
+            xte, yte, test_classes = _decode_folder(root / "test", spec.image_size, workers)
+            if test_classes != classes:
+                raise InputError(f"{root}/test classes {test_classes[:5]} differ from train classes {classes[:5]}",
+                                 "use the same class folders in train/ and test/")
+            train, test = ImageSet(xtr, ytr), ImageSet(xte, yte)
+        else:
+            tr, te = _stratified_holdout(ytr, spec.test_fraction, g)
+            train, test = ImageSet(xtr[tr], ytr[tr]), ImageSet(xtr[te], ytr[te])
+    elif source == "torchvision":
+        name, _, root = arg.partition(":")
+        (xtr, ytr), (xte, yte), classes = _torchvision(name, root or None)
+        train, test = ImageSet(xtr, ytr), ImageSet(xte, yte)
+    else:
+        raise InputError(f"unknown data source '{spec.source}'",
+                         "use digits, imagefolder:PATH or torchvision:CIFAR10")
+    if spec.limit_train:
+        train = train.subset(torch.randperm(len(train), generator=g)[:spec.limit_train].sort().values)
+    if spec.limit_test:
+        test = test.subset(torch.randperm(len(test), generator=g)[:spec.limit_test].sort().values)
+    calib_index = torch.randperm(len(train), generator=g)[:min(spec.calib_size, len(train))].sort().values
+    h = train.images.shape[2]
+    augment = None
+    if spec.augment == "standard":
+        augment = Augment(pad=max(1, h // 8), flip=natural)
+    return Splits(train=train, calib=train.subset(calib_index), test=test, classes=classes,
+                  augment=augment, source=spec.source,
+                  info={"train": len(train), "calib": len(calib_index), "test": len(test)})

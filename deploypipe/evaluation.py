@@ -1,0 +1,58 @@
+"""Measurements every stage needs: top-1 and loss on a split, size, CPU latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import ImageSet
+
+
+@torch.inference_mode()
+def top1_and_loss(model: nn.Module, data: ImageSet, batch_size: int = 256,
+                  device: torch.device | str = "cpu") -> tuple[float, float]:
+    """Top-1 accuracy (fraction) and mean cross-entropy of ``model`` on ``data``."""
+    was_training = model.training
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for x, y in data.batches(batch_size):
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    model.train(was_training)
+    return correct / max(n, 1), loss / max(n, 1)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the state dict's tensors as stored (parameters and buffers)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, repeats: int = 20,
+               warmup: int = 3, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Median (and p90) wall time of one forward pass on a fixed batch, after warm-up."""
+    model.eval()
+    x = torch.rand(batch_size, *input_shape, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        model(x)
+        sync()
+        times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    return {"median": statistics.median(times), "p90": times[min(len(times) - 1, int(0.9 * len(times)))]}

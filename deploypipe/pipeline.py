@@ -1,0 +1,268 @@
+"""Running a pipeline: preflight, ordering, resume, artifact hand-off, failure handling.
+
+Everything that can be wrong with the user's input (config, data, model, checkpoint, tracking
+server) is checked before anything is written, so bad input never leaves a half-made run.
+
+Each stage's output lands in ``<out>/<stage id>/`` (``<out>`` defaults to ``<workdir>/<pipeline name>``):
+
+    result.json      key, metrics, MLflow run id, whether a model was produced
+    model/           the output model with its reload spec (when the stage makes one)
+    *.csv, *.png     the stage's tables and plots
+
+It is written in ``<out>/.<id>.partial-<pid>`` and renamed into place when the stage has
+finished, so a crash never leaves a directory that looks done. A stage's *key* hashes its name,
+config, input model, data spec and seed; a finished stage with the same key is skipped unless
+forced. ``<out>/.work/<id>/`` is the stage's scratch (e.g. per-epoch checkpoints) and survives
+a crash so the stage can resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from .config import PipelineConfig, validate
+from .data import Splits, load_data
+from .errors import InputError, StageFailed
+from .models import ModelRecord, content_hash, load_model, model_from_spec, read_record, save_model
+from .stage import StageContext, StageDef, StageResult, load_stages
+from .tracking import Tracker, check_reachable, resolve_uri
+
+
+@dataclass
+class StageOutcome:
+    id: str
+    stage: str
+    status: str  # ran | skipped | failed
+    seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    dir: Optional[str] = None
+    model: Optional[str] = None
+    run_id: Optional[str] = None
+
+
+@dataclass
+class PipelineSummary:
+    name: str
+    outputs: str
+    tracking_uri: str
+    run_id: Optional[str]
+    stages: list[StageOutcome]
+    tracking_seconds: float = 0.0
+    tracking_setup_seconds: float = 0.0
+    tracking_calls: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"pipeline": self.name, "outputs": self.outputs, "tracking_uri": self.tracking_uri,
+                "run_id": self.run_id, "seconds": round(self.seconds, 3),
+                "tracking_seconds": round(self.tracking_seconds, 3), "tracking_calls": self.tracking_calls,
+                "tracking_setup_seconds": round(self.tracking_setup_seconds, 3),
+                "stages": [vars(s) for s in self.stages]}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device '{name}'", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device '{name}' asked for but no CUDA GPU is visible", "use --device cpu (or auto)")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _spec_hash(cfg: PipelineConfig) -> str:
+    parts: dict[str, Any] = {"model": cfg.model.model_dump(mode="json")}
+    if cfg.model.checkpoint:
+        parts["checkpoint"] = content_hash(cfg.model.checkpoint)
+    if (Path(cfg.model.spec) / "model.json").is_file():
+        parts["artifact"] = content_hash(cfg.model.spec)
+    return _hash(parts)
+
+
+def _read_result(stage_dir: Path) -> Optional[dict]:
+    try:
+        return json.loads((stage_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Put ``tmp`` at ``final``; an older ``final`` is removed only after the new one is in place."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class Pipeline:
+    """A validated pipeline with its data and input model, ready to run."""
+
+    def __init__(self, cfg: PipelineConfig, workdir: Path, *, out_dir: Optional[Path] = None, tracking_uri: Optional[str] = None,
+                 experiment: Optional[str] = None, device: Optional[str] = None, seed: Optional[int] = None,
+                 show_progress: bool = True, where: str = "pipeline"):
+        registry = load_stages()
+        self.cfg = cfg
+        self.workdir = Path(workdir)
+        self.out_dir = Path(out_dir) if out_dir else self.workdir / cfg.name
+        self.seed = cfg.seed if seed is None else seed
+        self.show_progress = show_progress
+        self.stage_defs: list[tuple[Any, StageDef, Any]] = []
+        for i, entry in enumerate(cfg.stages):
+            if entry.stage not in registry:
+                raise InputError(f"{where}: stages[{i}] names unknown stage '{entry.stage}'",
+                                 f"use one of: {', '.join(sorted(registry))} (see 'deploypipe stages')")
+            sdef = registry[entry.stage]
+            typed = validate(sdef.config, entry.config, where, prefix=f"stages[{i}].{entry.stage}")
+            self.stage_defs.append((entry, sdef, typed))
+        self.device = resolve_device(device or cfg.device)
+        self.uri = resolve_uri(tracking_uri, cfg.tracking.uri, self.workdir)
+        check_reachable(self.uri)
+        self.experiment = experiment or cfg.tracking.experiment
+        self.data: Splits = load_data(cfg.data)
+        mean, std = self.data.channel_stats()
+        seed_everything(self.seed)  # fresh weights of a zoo model are part of the reproducible run
+        self.model, self.record = model_from_spec(cfg.model, self.data.input_shape, self.data.num_classes, mean, std)
+        self.input_hash = _spec_hash(cfg)
+
+    def stage_key(self, entry: Any, typed: Any, input_hash: str) -> str:
+        return _hash({"stage": entry.stage, "config": typed.model_dump(mode="json"), "input": input_hash,
+                      "data": self.cfg.data.model_dump(mode="json"), "seed": self.seed})
+
+    def run(self, only: Optional[list[str]] = None, force: bool = False) -> PipelineSummary:
+        ids = [e.id for e, _, _ in self.stage_defs]
+        for name in only or []:
+            if name not in ids:
+                raise InputError(f"--stage {name}: no stage with that id in the pipeline",
+                                 f"use one of: {', '.join(ids)}")
+        last_selected = [i for i in ids if i in only][-1] if only else None
+        t_start = time.perf_counter()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.out_dir.glob(".*.partial-*"):  # left by a killed process
+            shutil.rmtree(stale, ignore_errors=True)
+        tracker = Tracker(self.uri, self.experiment, self.workdir / "mlartifacts")
+        config = self.cfg.model_dump(mode="json")
+        tracker.start_pipeline(self.cfg.name, config, tags={"deploypipe.outputs": str(self.out_dir.resolve())})
+        (self.out_dir / "pipeline.yaml").write_text(self.cfg.to_yaml())
+        tracker.log_artifact(self.out_dir / "pipeline.yaml")
+        model, record, input_hash = self.model, self.record, self.input_hash
+        previous: dict[str, StageResult] = {}
+        outcomes: list[StageOutcome] = []
+        status = "FAILED"
+        try:
+            for entry, sdef, typed in self.stage_defs:
+                key = self.stage_key(entry, typed, input_hash)
+                final = self.out_dir / entry.id
+                done = _read_result(final)
+                selected = only is None or entry.id in only
+                if done and done.get("key") == key and not (force and selected):
+                    outcome = self._record_skip(tracker, entry, typed, final, done)
+                elif not selected:
+                    raise InputError(f"--stage: stage '{entry.id}' comes before the selected stage(s) but has no "
+                                     "finished output for this config",
+                                     "run the whole pipeline once (without --stage), or select it too")
+                else:
+                    outcome = self._run_stage(tracker, entry, sdef, typed, key, model, record, previous)
+                    done = _read_result(final)
+                outcomes.append(outcome)
+                previous[entry.id] = StageResult(metrics=outcome.metrics)
+                if done.get("model"):
+                    model, record = load_model(final / "model"), read_record(final / "model")
+                    input_hash = done["model_hash"]
+                if only is not None and entry.id == last_selected:
+                    break  # later stages are not asked for
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            tracker.end_pipeline(status)
+        return PipelineSummary(self.cfg.name, str(self.out_dir), self.uri, tracker.run_id, outcomes,
+                               tracker.seconds, tracker.setup_seconds, tracker.calls, time.perf_counter() - t_start)
+
+    def _record_skip(self, tracker: Tracker, entry: Any, typed: Any, final: Path, done: dict) -> StageOutcome:
+        st = tracker.stage(entry.id, entry.stage, typed.model_dump(mode="json"),
+                           tags={"deploypipe.skipped": "true", "deploypipe.resumed_from": done.get("run_id", "")})
+        st.log_summary(done.get("metrics", {}))
+        st.end("FINISHED")
+        return StageOutcome(entry.id, entry.stage, "skipped", 0.0, done.get("metrics", {}), str(final),
+                            str(final / "model") if done.get("model") else None, st.run_id)
+
+    def _run_stage(self, tracker: Tracker, entry: Any, sdef: StageDef, typed: Any, key: str,
+                   model: torch.nn.Module, record: ModelRecord, previous: dict) -> StageOutcome:
+        final = self.out_dir / entry.id
+        tmp = self.out_dir / f".{entry.id}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        work = self.out_dir / ".work" / entry.id
+        if _read_key(work) != key:  # scratch of another config is of no use
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "key").write_text(key)
+        config = typed.model_dump(mode="json")
+        st = tracker.stage(entry.id, entry.stage, config)
+        (tmp / "config.yaml").write_text(yaml.safe_dump({entry.stage: config}, sort_keys=False))
+        ctx = StageContext(stage_id=entry.id, model=model.to(self.device), record=record, data=self.data,
+                           device=self.device, tracker=st, out_dir=tmp, work_dir=work, seed=self.seed,
+                           previous=dict(previous), show_progress=self.show_progress)
+        seed_everything(self.seed)
+        t0 = time.perf_counter()
+        try:
+            result = sdef.run(ctx, typed)
+            seconds = time.perf_counter() - t0
+            out = {"stage": entry.stage, "id": entry.id, "key": key, "metrics": result.metrics,
+                   "run_id": st.run_id, "seconds": seconds, "model": result.model is not None,
+                   "artifacts": sorted(p.name for p in tmp.iterdir())}
+            if result.model is not None:
+                save_model(result.model, result.record or record, tmp / "model")
+                out["model_hash"] = content_hash(tmp / "model")
+            (tmp / "result.json").write_text(json.dumps(out, indent=2))
+        except BaseException as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            st.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
+                   error="".join(traceback.format_exception_only(type(err), err)).strip())
+            if isinstance(err, (KeyboardInterrupt, InputError)):
+                raise
+            raise StageFailed(entry.id, err) from err
+        _replace_dir(tmp, final)
+        shutil.rmtree(work, ignore_errors=True)  # finished: checkpoints to resume from are no longer needed
+        st.log_summary({**result.metrics, "stage_seconds": seconds})
+        st.log_artifacts(final)
+        st.end("FINISHED")
+        return StageOutcome(entry.id, entry.stage, "ran", seconds, result.metrics, str(final),
+                            str(final / "model") if result.model is not None else None, st.run_id)
+
+
+def _read_key(work: Path) -> Optional[str]:
+    try:
+        return (work / "key").read_text()
+    except OSError:
+        return None

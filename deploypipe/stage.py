@@ -1,0 +1,111 @@
+"""What a stage is: a registered name, a typed config, and a run function.
+
+    class TrainConfig(Schema): ...
+    @register("train", help="...")
+    def run(ctx: StageContext, cfg: TrainConfig) -> StageResult: ...
+
+A stage reads only what the context hands it (input model, data splits, device, previous stages'
+results) and writes only into ``ctx.out_dir`` (artifacts that become the stage's output once it
+finishes) and ``ctx.work_dir`` (private scratch that survives a crash, e.g. checkpoints to resume
+from). It never imports mlflow: ``ctx.log_metrics`` / ``ctx.save_table`` / ``ctx.save_figure`` go
+through the tracker.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import pkgutil
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from .data import Splits
+from .models import ModelRecord
+
+
+@dataclass
+class StageResult:
+    """A stage's output: a model (None = pass the input model on), metrics, artifact files."""
+
+    model: Optional[nn.Module] = None
+    record: Optional[ModelRecord] = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class StageContext:
+    stage_id: str
+    model: nn.Module
+    record: ModelRecord
+    data: Splits
+    device: torch.device
+    tracker: Any  # deploypipe.tracking.StageTracker; typed loosely so stages never import mlflow
+    out_dir: Path
+    work_dir: Path
+    seed: int
+    previous: dict[str, StageResult] = field(default_factory=dict)
+    show_progress: bool = True
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        self.tracker.log_metrics(metrics, step=step)
+
+    def save_table(self, name: str, rows: list[dict]) -> Path:
+        """Write rows as ``<out_dir>/<name>.csv`` (logged to MLflow with the stage's artifacts)."""
+        path = self.out_dir / f"{name}.csv"
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+
+    def save_figure(self, fig: Any, name: str) -> Path:
+        """Save a matplotlib figure as ``<out_dir>/<name>.png`` and close it."""
+        import matplotlib.pyplot as plt
+
+        path = self.out_dir / f"{name}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+
+@dataclass
+class StageDef:
+    name: str
+    config: type[BaseModel]
+    run: Callable[[StageContext, BaseModel], StageResult]
+    help: str
+
+
+REGISTRY: dict[str, StageDef] = {}
+
+
+def register(name: str, help: str = "") -> Callable:
+    """Register a stage; its config schema is the type of the run function's ``cfg`` argument."""
+
+    def deco(fn: Callable) -> Callable:
+        hints = typing.get_type_hints(fn)
+        cfg_type = hints.get("cfg")
+        if not (isinstance(cfg_type, type) and issubclass(cfg_type, BaseModel)):
+            raise TypeError(f"stage '{name}': run(ctx, cfg) must annotate cfg with a pydantic model")
+        REGISTRY[name] = StageDef(name, cfg_type, fn, help or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return deco
+
+
+def load_stages() -> dict[str, StageDef]:
+    """Import every subpackage of deploypipe.stages so each registers itself."""
+    import deploypipe.stages as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.ispkg:
+            importlib.import_module(f"deploypipe.stages.{info.name}.stage")
+    return REGISTRY

@@ -1,0 +1,212 @@
+"""The only module that talks to MLflow.
+
+One parent run per pipeline, one nested child run per stage. Params are the flattened config;
+tags name the stage, the git commit and the versions; metrics are buffered and sent with
+``log_batch``; a stage's files (model with its reload spec, CSV tables, PNG plots) are uploaded once
+the stage's output directory is final. Every MLflow call is timed (``Tracker.seconds``) so the
+overhead can be measured (bench/tracking_overhead.py).
+
+Default store: ``sqlite:///<workdir>/mlflow.db`` with artifacts in ``<workdir>/mlartifacts`` —
+no server needed. ``--tracking-uri`` or MLFLOW_TRACKING_URI select another store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+from .errors import InputError
+
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_LENGTH = 6000
+
+
+def default_uri(workdir: Path) -> str:
+    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def resolve_uri(cli_uri: Optional[str], config_uri: Optional[str], workdir: Path) -> str:
+    """--tracking-uri, then MLFLOW_TRACKING_URI, then the pipeline's tracking.uri, then local sqlite."""
+    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or config_uri or default_uri(workdir)
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail early (exit 2, nothing written) when a tracking server cannot be reached."""
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        import requests
+
+        try:
+            resp = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        except requests.RequestException as err:
+            reason = type(err).__name__
+            raise InputError(f"tracking server {uri} is unreachable ({reason})",
+                             "start it (mlflow/launch.sh or 'deploypipe ui'), or drop --tracking-uri / "
+                             "MLFLOW_TRACKING_URI to use the local sqlite store") from None
+        if resp.status_code >= 400 and resp.status_code not in (401, 403, 404):
+            raise InputError(f"tracking server {uri} answered HTTP {resp.status_code} to /health",
+                             "check that the URI points at an MLflow server")
+        # /health needs no login on recent servers: ask an authenticated endpoint with the user's credentials
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        try:
+            resp = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                                auth=(user, password or "") if user else None, timeout=timeout)
+        except requests.RequestException as err:
+            raise InputError(f"tracking server {uri} stopped answering ({type(err).__name__})",
+                             "check the server and retry") from None
+        if resp.status_code in (401, 403):
+            raise InputError(f"tracking server {uri} refused the credentials (HTTP {resp.status_code})",
+                             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    elif scheme in ("", "file"):
+        raise InputError(f"tracking URI '{uri}' is a plain file store, which MLflow 3 no longer writes by default",
+                         "use sqlite:///PATH/mlflow.db or an http(s):// server")
+    elif scheme not in ("sqlite", "postgresql", "mysql", "mssql", "databricks"):
+        raise InputError(f"tracking URI '{uri}' has an unsupported scheme '{scheme}'",
+                         "use sqlite:///PATH/mlflow.db or http://HOST:PORT")
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}, 'c': [1, 2]} -> {'a.b': '1', 'c': '[1, 2]'} (MLflow param strings)."""
+    out: dict[str, str] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = str(d)[:MAX_PARAM_LENGTH]
+    return out
+
+
+def _git_commit(path: Path) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def version_tags() -> dict[str, str]:
+    import mlflow
+    import torch
+
+    import deploypipe
+
+    tags = {"deploypipe.version": deploypipe.__version__, "torch.version": torch.__version__,
+            "mlflow.version": mlflow.__version__, "python.version": platform.python_version()}
+    own = _git_commit(Path(deploypipe.__file__).resolve().parent)
+    if own:
+        tags["deploypipe.git_commit"] = own
+    user = _git_commit(Path.cwd())
+    if user:
+        tags["mlflow.source.git.commit"] = user
+    return tags
+
+
+class Tracker:
+    """A pipeline's MLflow parent run and the client every call goes through."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: Optional[Path] = None):
+        for name in ("alembic", "mlflow.store", "mlflow.tracking", "mlflow.utils"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self.seconds = 0.0  # inside MLflow calls (runs, params, metrics, artifacts)
+        self.calls = 0
+        t0 = time.perf_counter()
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = artifact_root.resolve().as_uri() if (artifact_root and uri.startswith("sqlite")) else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+        self.setup_seconds = time.perf_counter() - t0  # import, store connection/migrations, experiment
+        self.run_id: Optional[str] = None
+
+    def call(self, fn: str, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return getattr(self.client, fn)(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+
+    def start_pipeline(self, name: str, config: dict, tags: Optional[dict] = None) -> str:
+        self.versions = version_tags()
+        run = self.call("create_run", self.experiment_id, run_name=name,
+                        tags={"deploypipe.pipeline": name, "deploypipe.kind": "pipeline", **self.versions, **(tags or {})})
+        self.run_id = run.info.run_id
+        self._log_params(self.run_id, config)
+        return self.run_id
+
+    def _log_params(self, run_id: str, config: dict) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in flatten(config).items()]
+        for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+            self.call("log_batch", run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
+
+    def stage(self, stage_id: str, stage_name: str, config: dict, tags: Optional[dict] = None) -> "StageTracker":
+        run = self.call("create_run", self.experiment_id, run_name=stage_id,
+                        tags={"mlflow.parentRunId": self.run_id, "deploypipe.stage": stage_name,
+                              "deploypipe.stage_id": stage_id, "deploypipe.kind": "stage", **self.versions,
+                              **(tags or {})})
+        self._log_params(run.info.run_id, config)
+        return StageTracker(self, run.info.run_id)
+
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        self.call("log_artifact", self.run_id, str(path), artifact_path)
+
+    def end_pipeline(self, status: str) -> None:
+        if self.run_id:
+            self.call("set_terminated", self.run_id, status)
+
+
+class StageTracker:
+    """A stage's child run: buffered metrics, artifacts, final status."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker = tracker
+        self.run_id = run_id
+        self._buffer: list = []
+        self._latest: dict[str, tuple[int, float]] = {}
+
+    def log_summary(self, metrics: dict[str, float]) -> None:
+        """Final metrics at the last step used, leaving out values a curve already ends with."""
+        step = max((s for s, _ in self._latest.values()), default=0)
+        self.log_metrics({k: v for k, v in metrics.items() if self._latest.get(k, (None, None))[1] != float(v)}, step)
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer += [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self._latest.update({k: (step or 0, float(v)) for k, v in metrics.items()})
+        if len(self._buffer) >= MAX_METRICS_PER_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._buffer:
+            batch, self._buffer = self._buffer[:MAX_METRICS_PER_BATCH], self._buffer[MAX_METRICS_PER_BATCH:]
+            self.tracker.call("log_batch", self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.tracker.call("log_batch", self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_artifacts(self, directory: Path) -> None:
+        self.tracker.call("log_artifacts", self.run_id, str(directory))
+
+    def end(self, status: str, error: Optional[str] = None) -> None:
+        if error:
+            self.set_tags({"deploypipe.error": error})
+        self.flush()
+        self.tracker.call("set_terminated", self.run_id, status)

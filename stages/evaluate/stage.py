@@ -1,0 +1,64 @@
+"""The evaluate stage: accuracy on the test split, per-class accuracy, size and latency."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from pydantic import Field
+
+from deploypipe.config import Schema
+from deploypipe.evaluation import latency_ms, parameter_count, state_bytes
+from deploypipe.stage import StageContext, StageResult, register
+
+
+class EvaluateConfig(Schema):
+    batch_size: int = Field(256, ge=1, description="images per batch for accuracy")
+    latency_batch_size: int = Field(32, ge=1, description="batch size of the latency measurement")
+    latency_repeats: int = Field(20, ge=1, description="timed forward passes (median reported)")
+    latency_warmup: int = Field(3, ge=0, description="untimed forward passes first")
+    threads: int = Field(0, ge=0, description="CPU threads for the latency measurement (0 = all cores)")
+
+
+def _confusion_figure(conf: torch.Tensor, classes: list[str]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k))
+    rates = conf / conf.sum(1, keepdim=True).clamp_min(1)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title="confusion (row-normalised)")
+    ax.set_xticklabels(classes, rotation=90, fontsize=7)
+    ax.set_yticklabels(classes, fontsize=7)
+    return fig
+
+
+@register("evaluate", help="measure top-1, loss, parameter count, size and CPU latency of the current model")
+def run(ctx: StageContext, cfg: EvaluateConfig) -> StageResult:
+    model, test = ctx.model.eval(), ctx.data.test
+    with torch.inference_mode():
+        logits = torch.cat([model(x.to(ctx.device)).float().cpu() for x, _ in test.batches(cfg.batch_size)])
+    pred = logits.argmax(1)
+    loss = torch.nn.functional.cross_entropy(logits, test.labels).item()
+    k = ctx.data.num_classes
+    conf = torch.bincount(test.labels * k + pred, minlength=k * k).view(k, k)
+    per_class = [{"class": c, "images": int(conf[i].sum()), "top1": float(conf[i, i] / conf[i].sum().clamp_min(1))}
+                 for i, c in enumerate(ctx.data.classes)]
+    ctx.save_table("per_class", per_class)
+    ctx.save_figure(_confusion_figure(conf.float(), ctx.data.classes), "confusion")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    try:
+        cpu_model = model.to("cpu")
+        lat = latency_ms(cpu_model, ctx.data.input_shape, cfg.latency_batch_size, cfg.latency_repeats, cfg.latency_warmup)
+    finally:
+        torch.set_num_threads(threads)
+        model.to(ctx.device)
+    metrics = {"test_top1": float((pred == test.labels).float().mean()), "test_loss": loss,
+               "parameters": float(parameter_count(model)), "size_bytes": float(state_bytes(model)),
+               "latency_ms_median": lat["median"], "latency_ms_p90": lat["p90"],
+               "latency_batch_size": float(cfg.latency_batch_size), "test_images": float(len(test))}
+    return StageResult(metrics=metrics)

@@ -1,0 +1,108 @@
+"""The train stage: pipeline adapter around stages/train/loop.py."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field
+
+from deploypipe.config import Schema
+from deploypipe.evaluation import top1_and_loss
+from deploypipe.progress import log
+from deploypipe.stage import StageContext, StageResult, register
+
+from .loop import make_optimizer, make_scheduler, train_epoch
+
+
+class TrainConfig(Schema):
+    epochs: int = Field(10, ge=1, description="passes over the training split")
+    batch_size: int = Field(128, ge=1, description="images per optimizer step")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD (Nesterov momentum) or AdamW")
+    lr: float = Field(0.2, gt=0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="decoupled for AdamW; not applied to biases/norms")
+    schedule: Literal["onecycle", "cosine", "constant"] = Field("onecycle", description="learning-rate schedule")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up (cosine/constant; onecycle ramps 30% by default)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
+    noise_sigma: float = Field(0.0, ge=0, description="Gaussian noise on [0,1] inputs (for certify); 0 = off")
+    augment: bool = Field(True, description="use the data's standard augmentation (crop, flip)")
+    max_grad_norm: Optional[float] = Field(None, gt=0, description="clip the gradient norm")
+    eval_every: int = Field(1, ge=0, description="evaluate on the test split every N epochs (0 = only at the end)")
+    channels_last: bool = Field(True, description="channels-last memory format for conv nets (faster on CPU)")
+    resume: bool = Field(True, description="resume from the last per-epoch checkpoint of an interrupted run")
+
+
+def _plot(history: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ep = [h["epoch"] for h in history]
+    a.plot(ep, [h["train_loss"] for h in history], label="train")
+    tested = [h for h in history if "test_loss" in h]
+    a.plot([h["epoch"] for h in tested], [h["test_loss"] for h in tested], "o-", label="test")
+    a.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    b.plot(ep, [100 * h["train_top1"] for h in history], label="train (augmented)")
+    b.plot([h["epoch"] for h in tested], [100 * h["test_top1"] for h in tested], "o-", label="test")
+    b.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+@register("train", help="train the model: SGD/AdamW, one-cycle/cosine, label smoothing, Gaussian-noise augmentation")
+def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model, data = ctx.model, ctx.data
+    channels_last = cfg.channels_last and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch,
+                               round(cfg.warmup_epochs * steps_per_epoch))
+    ckpt_path = ctx.work_dir / "checkpoint.pt"
+    start, history = 0, []
+    if cfg.resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=ctx.device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start, history = ckpt["epoch"], ckpt["history"]
+        log(f"[{ctx.stage_id}] resuming from the checkpoint of epoch {start}")
+    for epoch in range(start, cfg.epochs):
+        g = torch.Generator().manual_seed(ctx.seed * 100_003 + epoch)  # same order when resumed
+        te = time.perf_counter()
+        row = {"epoch": epoch + 1, **train_epoch(
+            model, data.train, optimizer, scheduler, cfg.batch_size, g, ctx.device,
+            augment=data.augment if cfg.augment else None, label_smoothing=cfg.label_smoothing,
+            noise_sigma=cfg.noise_sigma, channels_last=channels_last, max_grad_norm=cfg.max_grad_norm,
+            show_progress=ctx.show_progress, description=f"epoch {epoch + 1}/{cfg.epochs}")}
+        row["lr"] = scheduler.get_last_lr()[0]
+        last = epoch + 1 == cfg.epochs
+        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            row["test_top1"], row["test_loss"] = top1_and_loss(model, data.test, device=ctx.device)
+        row["epoch_seconds"] = time.perf_counter() - te
+        history.append(row)
+        ctx.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        log(f"[{ctx.stage_id}] epoch {epoch + 1}/{cfg.epochs}: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history}, tmp)
+        os.replace(tmp, ckpt_path)
+    model.to(memory_format=torch.contiguous_format).eval()
+    ctx.save_table("epochs", history)
+    ctx.save_figure(_plot(history), "training_curves")
+    final = history[-1]
+    metrics = {"test_top1": final["test_top1"], "test_loss": final["test_loss"],
+               "train_loss": final["train_loss"], "train_top1": final["train_top1"],
+               "epochs": float(cfg.epochs), "train_seconds": sum(h["epoch_seconds"] for h in history)}
+    return StageResult(model=model, metrics=metrics)

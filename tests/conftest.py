@@ -1,0 +1,102 @@
+"""Shared fixtures: a migrated MLflow sqlite store copied per test, a real `mlflow server`, and
+helpers to run the real CLI (in a subprocess, as a user would)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    """An MLflow sqlite database with its migrations done (~2 s), made once per session."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path, migrated_db) -> Path:
+    """A fresh work directory whose default store is a copy of the migrated database."""
+    wd = tmp_path / "runs"
+    wd.mkdir()
+    shutil.copy(migrated_db, wd / "mlflow.db")
+    return wd
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, migrated_db):
+    """A real `mlflow server` subprocess on 127.0.0.1 (HTTP tracking + proxied artifacts)."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copy(migrated_db, root / "mlflow.db")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            if requests.get(uri + "/health", timeout=1).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        raise RuntimeError("mlflow server did not come up in 90 s")
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the installed `deploypipe` command as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None) if not (env and "MLFLOW_TRACKING_URI" in env) else None
+    return subprocess.run([sys.executable, "-m", "deploypipe.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def pipeline_file(tmp_path, epochs=2):
+    p = tmp_path / "quick.yaml"
+    p.write_text(textwrap.dedent(f"""
+        name: quick
+        model: zoo:digits_cnn
+        data: {{source: digits, limit_train: 300, limit_test: 100}}
+        stages:
+          - train: {{epochs: {epochs}, batch_size: 64, lr: 0.05}}
+          - evaluate: {{latency_repeats: 2}}
+    """))
+    return p

@@ -1,0 +1,106 @@
+"""Train stage: schedules against torch's own, learning on digits, resume equals uninterrupted."""
+
+import math
+
+import pytest
+import torch
+
+from deploypipe.config import DataSpec
+from deploypipe.data import load_data
+from deploypipe.evaluation import top1_and_loss
+from deploypipe.zoo import digits_cnn
+from deploypipe.stages.train.loop import lr_factor, make_optimizer, make_scheduler, train_epoch
+
+
+def test_onecycle_matches_torch_onecyclelr():
+    """Our one-cycle shape equals torch.optim.lr_scheduler.OneCycleLR (cos, two phases)."""
+    total, peak = 200, 0.3
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=peak)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak, total_steps=total, pct_start=0.3,
+                                              anneal_strategy="cos", div_factor=25, final_div_factor=1e4,
+                                              cycle_momentum=False)
+    ours = []
+    for step in range(total):
+        ours.append(peak * lr_factor(step, total, "onecycle", 0))
+    theirs = []
+    for _ in range(total):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-9
+    assert ours[0] == pytest.approx(peak / 25) and max(ours) == pytest.approx(peak, rel=1e-6)
+    assert ours[-1] < peak / 1000
+
+
+def test_cosine_with_warmup_closed_form():
+    total, warm = 100, 10
+    for s in range(total):
+        expected = (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+        assert lr_factor(s, total, "cosine", warm) == pytest.approx(expected)
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    m = digits_cnn()
+    opt = make_optimizer(m, "sgd", 0.1, 5e-4)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    for name, p in m.named_parameters():
+        assert (id(p) in decayed) == (p.ndim > 1), name
+
+
+def _train(epochs, start_state=None, stop_after=None):
+    torch.manual_seed(0)
+    data = load_data(DataSpec(source="digits", limit_train=800, limit_test=300))
+    model = digits_cnn()
+    opt = make_optimizer(model, "sgd", 0.05, 5e-4)
+    sched = make_scheduler(opt, "onecycle", epochs * math.ceil(800 / 64))
+    start = 0
+    if start_state:
+        model.load_state_dict(start_state["model"])
+        opt.load_state_dict(start_state["opt"])
+        sched.load_state_dict(start_state["sched"])
+        start = start_state["epoch"]
+    for epoch in range(start, epochs):
+        g = torch.Generator().manual_seed(1000 + epoch)
+        train_epoch(model, data.train, opt, sched, 64, g, torch.device("cpu"), augment=data.augment)
+        if stop_after and epoch + 1 == stop_after:
+            return {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch + 1}
+    return model, data
+
+
+def test_training_learns_digits():
+    model, data = _train(6)
+    top1, loss = top1_and_loss(model, data.test)
+    assert top1 > 0.85 and loss < 0.6
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run():
+    straight, data = _train(3)
+    state = _train(3, stop_after=1)
+    resumed, _ = _train(3, start_state=state)
+    x = next(data.test.batches(64))[0]
+    torch.testing.assert_close(straight.eval()(x), resumed.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_noise_augmentation_changes_inputs_only_when_asked():
+    data = load_data(DataSpec(source="digits", limit_train=64))
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return self.lin(x.flatten(1))
+
+    for sigma in (0.0, 0.5):
+        m = Spy()
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        sched = make_scheduler(opt, "constant", 1)
+        train_epoch(m, data.train, opt, sched, 64, torch.Generator().manual_seed(0), torch.device("cpu"),
+                    noise_sigma=sigma)
+    clean, noisy = seen
+    assert torch.equal(clean, data.train.images[torch.randperm(64, generator=torch.Generator().manual_seed(0))])
+    assert (noisy - clean).std().item() == pytest.approx(0.5, rel=0.1)

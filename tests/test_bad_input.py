@@ -1,0 +1,72 @@
+"""Every kind of bad input: one line naming the problem and the fix, exit code 2, no traceback,
+nothing written."""
+
+import textwrap
+
+import pytest
+import torch
+
+from conftest import free_port, run_cli
+
+GOOD = """\
+name: bad
+model: zoo:digits_cnn
+data: digits
+stages:
+  - train: {epochs: 1}
+"""
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def cases(tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty_classes" / "train" / "cat").mkdir(parents=True)
+    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pt")
+    port = free_port()  # nothing listens there
+    return {
+        "missing config": (["run", "nope.yaml"], "does not exist"),
+        "yaml syntax": (["run", write(tmp_path, "syntax.yaml", GOOD.replace("{epochs: 1}", "{epochs: 1"))], ":6:"),
+        "unknown stage": (["run", write(tmp_path, "stage.yaml", GOOD.replace("train:", "trian:"))], "unknown stage 'trian'"),
+        "unknown key": (["run", write(tmp_path, "key.yaml", GOOD.replace("epochs", "epohcs"))], "did you mean 'epochs'"),
+        "wrong type": (["run", write(tmp_path, "type.yaml", GOOD.replace("epochs: 1", "epochs: many"))], "train.epochs = 'many'"),
+        "unknown top-level key": (["run", write(tmp_path, "top.yaml", GOOD + "trackng: {}\n")], "trackng: unknown key"),
+        "missing model folder": (["evaluate", "--model", "models/missing", "--data", "digits"], "does not exist"),
+        "missing checkpoint": (["evaluate", "--model", "zoo:digits_cnn", "--checkpoint", "missing.pt"], "does not exist"),
+        "checkpoint mismatch": (["evaluate", "--model", "zoo:digits_cnn", "--checkpoint", str(tmp_path / "wrong.pt")],
+                                "does not fit"),
+        "missing data path": (["evaluate", "--model", "zoo:resnet20", "--data", "imagefolder:no/such/dir"], "does not exist"),
+        "empty dataset folder": (["evaluate", "--model", "zoo:resnet20", "--data", f"imagefolder:{tmp_path / 'empty_classes'}"],
+                                 "has no images"),
+        "empty train folder": (["evaluate", "--model", "zoo:resnet20", "--data", f"imagefolder:{tmp_path / 'empty'}"],
+                               "has no images"),
+        "unreachable tracking server": (["evaluate", "--model", "zoo:digits_cnn", "--tracking-uri", f"http://127.0.0.1:{port}"],
+                                        "unreachable"),
+        "unknown CLI option": (["train", "--model", "zoo:digits_cnn", "--epohcs", "3"], "--epohcs"),
+        "bad option value": (["train", "--model", "zoo:digits_cnn", "--epochs", "three"], "three"),
+        "unknown device": (["evaluate", "--model", "zoo:digits_cnn", "--device", "tpu"], "device"),
+        "ui without a store": (["ui", "--workdir", "nowhere"], "no MLflow store"),
+    }
+
+
+CASE_NAMES = ["missing config", "yaml syntax", "unknown stage", "unknown key", "wrong type", "unknown top-level key",
+              "missing model folder", "missing checkpoint", "checkpoint mismatch", "missing data path",
+              "empty dataset folder", "empty train folder", "unreachable tracking server", "unknown CLI option",
+              "bad option value", "unknown device", "ui without a store"]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_bad_input_exits_2_with_one_line(tmp_path, case):
+    args, expected = cases(tmp_path)[case]
+    res = run_cli(*args, "--workdir", "runs", cwd=tmp_path) if args[0] != "ui" else run_cli(*args, cwd=tmp_path)
+    assert res.returncode == 2, (case, res.returncode, res.stderr[-2000:])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, (case, res.stderr)
+    assert lines[0].startswith("error: ") and expected in lines[0], (case, lines[0])
+    assert "Traceback" not in res.stderr
+    assert " fix: " in lines[0] or "--help" in lines[0], lines[0]
+    assert not (tmp_path / "runs").exists(), "bad input must not leave a work directory behind"

@@ -1,0 +1,119 @@
+"""The real command line, end to end, as a user runs it: demo into a fresh store and read back
+with MlflowClient, the HTTP path against a real `mlflow server`, a user's model, and `--json`."""
+
+import json
+import shutil
+import textwrap
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import last_json, pipeline_file, run_cli
+from deploypipe.models import load_model
+
+
+def check_runs(client: MlflowClient, run_id: str, stages: list[str]):
+    parent = client.get_run(run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["deploypipe.kind"] == "pipeline"
+    for tag in ("deploypipe.version", "torch.version", "mlflow.version"):
+        assert tag in parent.data.tags
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    by_id = {r.data.tags["deploypipe.stage_id"]: r for r in children}
+    assert sorted(by_id) == sorted(stages)
+    for sid, run in by_id.items():
+        assert run.info.status == "FINISHED", sid
+        assert run.data.params, sid  # the flattened config
+        assert "stage_seconds" in run.data.metrics
+    return by_id
+
+
+def artifact_names(client, run_id, path=None):
+    return {a.path for a in client.list_artifacts(run_id, path)}
+
+
+def test_demo_end_to_end_into_a_fresh_store(tmp_path):
+    res = run_cli("demo", "--workdir", "runs", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = last_json(res.stdout)
+    assert [s["status"] for s in summary["stages"]] == ["ran", "ran"]
+    train, evaluate = summary["stages"]
+    assert train["metrics"]["test_top1"] > 0.9  # digits CNN, 15 epochs
+    assert evaluate["metrics"]["test_top1"] == pytest.approx(train["metrics"]["test_top1"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    runs = check_runs(client, summary["run_id"], ["train", "evaluate"])
+    t = runs["train"]
+    assert t.data.params["epochs"] == "15" and t.data.params["optimizer"] == "sgd"
+    assert len(client.get_metric_history(t.info.run_id, "train_loss")) == 15  # per-epoch curve
+    assert {"model", "epochs.csv", "training_curves.png", "result.json"} <= artifact_names(client, t.info.run_id)
+    assert {"model/model.json", "model/weights.pt"} <= artifact_names(client, t.info.run_id, "model")
+    assert {"per_class.csv", "confusion.png"} <= artifact_names(client, runs["evaluate"].info.run_id)
+    # artifacts live next to the store, not in ./mlruns
+    assert (tmp_path / "runs" / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
+    # the model logged to MLflow reloads without pickle and gives the reported accuracy
+    local = client.download_artifacts(t.info.run_id, "model", str(tmp_path / "dl"))
+    model = load_model(local)
+    from deploypipe.config import DataSpec
+    from deploypipe.data import load_data
+    from deploypipe.evaluation import top1_and_loss
+
+    data = load_data(DataSpec(source="digits", calib_size=256))
+    assert top1_and_loss(model, data.test)[0] == pytest.approx(train["metrics"]["test_top1"])
+
+    again = run_cli("demo", "--workdir", "runs", "--json", cwd=tmp_path)
+    assert again.returncode == 0 and [s["status"] for s in last_json(again.stdout)["stages"]] == ["skipped", "skipped"]
+
+
+def test_http_tracking_against_a_real_server(tmp_path, mlflow_server):
+    res = run_cli("run", str(pipeline_file(tmp_path)), "--workdir", "runs", "--tracking-uri", mlflow_server, "--json",
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = last_json(res.stdout)
+    client = MlflowClient(mlflow_server)
+    runs = check_runs(client, summary["run_id"], ["train", "evaluate"])
+    assert {"model/model.json", "model/weights.pt"} <= artifact_names(client, runs["train"].info.run_id, "model")
+    assert "training_curves.png" in artifact_names(client, runs["train"].info.run_id)
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing went to the local store
+
+
+def test_user_model_factory_and_checkpoint_through_evaluate(tmp_path):
+    (tmp_path / "my_cifar_models.py").write_text(textwrap.dedent("""
+        import torch.nn as nn
+        def small_net(num_classes=10, width=8):
+            return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, num_classes))
+    """))
+    import sys
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import my_cifar_models
+        torch.manual_seed(0)
+        net = my_cifar_models.small_net().eval()
+        torch.save(net.state_dict(), tmp_path / "weights.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+    res = run_cli("evaluate", "--model", "my_cifar_models:small_net", "--checkpoint", "weights.pt",
+                  "--mean", "0.3", "--std", "0.4", "--data", "digits", "--latency-repeats", "2", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = last_json(res.stdout)["stages"][0]["metrics"]
+    from deploypipe.config import DataSpec
+    from deploypipe.data import load_data
+
+    test = load_data(DataSpec(source="digits")).test
+    with torch.no_grad():
+        pred = net((test.images - 0.3) / 0.4).argmax(1)
+    assert m["test_top1"] == pytest.approx((pred == test.labels).float().mean().item())
+    assert m["parameters"] == sum(p.numel() for p in net.parameters())
+
+
+def test_stages_and_help():
+    res = run_cli("stages", "--json")
+    assert res.returncode == 0
+    stages = json.loads(res.stdout)
+    assert {"train", "evaluate"} <= set(stages)
+    assert "noise_sigma" in {o["name"] for o in stages["train"]["options"]}
+    for args in (["--help"], ["train", "--help"], ["run", "--help"], ["evaluate", "--help"], ["ui", "--help"]):
+        res = run_cli(*args)
+        assert res.returncode == 0 and "Example" in res.stdout, args
+    assert shutil.which("deploypipe"), "the console script is installed"
