@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -25,18 +26,18 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _demo_yaml() -> Path:
-    """examples/demo.yaml: from the source tree, or from the installed package data."""
-    candidates = [EXAMPLES_DIR / "demo.yaml"]
+    """examples/demo.yaml: from the source checkout (editable install), else the installed package data."""
+    if (EXAMPLES_DIR.parent / "pyproject.toml").is_file() and (EXAMPLES_DIR / "demo.yaml").is_file():
+        return EXAMPLES_DIR / "demo.yaml"
     try:
         from importlib.resources import files
 
-        candidates.append(Path(str(files("deploypipe.examples") / "demo.yaml")))
+        path = Path(str(files("deploypipe.examples") / "demo.yaml"))
     except (ModuleNotFoundError, TypeError):
-        pass
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise InputError("examples/demo.yaml is not installed", "reinstall deploypipe (pip install -e .)")
+        path = None
+    if path is None or not path.is_file():
+        raise InputError("examples/demo.yaml is not installed", "reinstall deploypipe (pip install -e .)")
+    return path
 
 
 # --------------------------------------------------------------------------- common options
@@ -78,7 +79,7 @@ def _print_summary(summary: Any, workdir: Path, as_json: bool) -> None:
     for col in ("stage", "status", "seconds", "metrics", "output"):
         table.add_column(col)
     for s in summary.stages:
-        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in list(s.metrics.items())[:6])
+        shown = "\n".join(f"{k} {_fmt(v)}" for k, v in list(s.metrics.items())[:8])
         table.add_row(s.id, s.status, f"{s.seconds:.1f}", shown, s.model or s.dir or "")
     console.print(table)
     if summary.tracking_uri.startswith("sqlite"):
@@ -93,8 +94,32 @@ def _fmt(v: float) -> str:
     return f"{v:.4f}" if isinstance(v, float) and abs(v) < 1000 else f"{v:.0f}"
 
 
+class _Lazy(click.Group):
+    """Adds one command per registered stage when the CLI is first used."""
+
+    def _ensure(self) -> None:
+        if getattr(self, "_loaded", False):
+            return
+        self._loaded = True
+        from .stage import load_stages
+
+        for name, sdef in load_stages().items():
+            if name not in self.commands:
+                self.add_command(_stage_command(name, sdef.config, sdef.help))
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._ensure()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+        if name not in self.commands:
+            self._ensure()
+        return super().get_command(ctx, name)
+
+
+
 # --------------------------------------------------------------------------- group
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=_Lazy, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="deploypipe")
 def cli() -> None:
     """deploypipe: make a trained PyTorch model ship — smaller, faster, certified, tracked in MLflow.
@@ -211,7 +236,7 @@ def ui_cmd(workdir: Path, host: str, port: int) -> None:
 def _click_type(ann: Any) -> tuple[Any, bool]:
     """(click type, is_flag) for a pydantic field annotation."""
     origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         return _click_type(inner[0]) if len(inner) == 1 else (str, False)
     if origin is typing.Literal:
@@ -242,14 +267,18 @@ def _stage_command(name: str, schema: type, help_text: str) -> click.Command:
         model = {k: v for k, v in model.items() if v is not None}
         for k in ("mean", "std"):
             if k in model:
-                model[k] = [float(x) for x in str(model[k]).split(",")]
+                try:
+                    model[k] = [float(x) for x in str(model[k]).split(",")]
+                except ValueError:
+                    raise InputError(f"--{k} '{model[k]}' is not a comma-separated list of numbers",
+                                     f"give one number per channel, e.g. --{k} 0.49,0.48,0.45") from None
         data = {"source": kw.pop("data")}
         for k in ("calib_size", "limit_train", "limit_test", "image_size"):
             if kw.get(k) is not None:
                 data[k] = kw.pop(k)
             else:
                 kw.pop(k)
-        out = kw.pop("out")
+        out, force = kw.pop("out"), kw.pop("force")
         stage_cfg = {}
         for k, v in kw.items():
             if v is None:
@@ -259,7 +288,7 @@ def _stage_command(name: str, schema: type, help_text: str) -> click.Command:
                                                  and str not in typing.get_args(ann)) else v
         cfg = validate(PipelineConfig, {"name": name, "model": model, "data": data, "stages": [{name: stage_cfg}]},
                        f"deploypipe {name}")
-        _execute(cfg, common["workdir"], out, None, True, common["tracking_uri"], common["experiment"],
+        _execute(cfg, common["workdir"], out, None, force, common["tracking_uri"], common["experiment"],
                  common["device"], common["seed"], common["as_json"], f"deploypipe {name}")
 
     params += [
@@ -274,6 +303,7 @@ def _stage_command(name: str, schema: type, help_text: str) -> click.Command:
         click.Option(["--image-size"], type=int, default=None, help="resize image-folder images to this size"),
         click.Option(["--out"], type=click.Path(file_okay=False, path_type=Path), default=None,
                      help=f"output folder (default <workdir>/{name}); the stage writes <out>/{name}/"),
+        click.Option(["--force"], is_flag=True, help="rerun even if the same stage already finished with this config and input"),
     ]
     cmd = click.Command(name, callback=callback, params=params + common_params(), help=(
         f"{help_text}.\n\nRuns a one-stage pipeline; options are the stage's config keys (see 'deploypipe stages').\n\n"
@@ -281,30 +311,6 @@ def _stage_command(name: str, schema: type, help_text: str) -> click.Command:
     return cmd
 
 
-class _Lazy(click.Group):
-    """Adds one command per registered stage when the CLI is first used."""
-
-    def _ensure(self) -> None:
-        if getattr(self, "_loaded", False):
-            return
-        self._loaded = True
-        from .stage import load_stages
-
-        for name, sdef in load_stages().items():
-            if name not in self.commands:
-                self.add_command(_stage_command(name, sdef.config, sdef.help))
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        self._ensure()
-        return super().list_commands(ctx)
-
-    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
-        if name not in self.commands:
-            self._ensure()
-        return super().get_command(ctx, name)
-
-
-cli.__class__ = _Lazy
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -323,10 +329,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except StageFailed as err:
         click.echo(f"error: {err} (earlier stages' outputs are kept; the MLflow run is marked FAILED)", err=True)
         sys.exit(1)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("interrupted (finished stages are kept; rerun to resume)", err=True)
         sys.exit(130)
 

@@ -62,14 +62,17 @@ class TrackingSpec(Schema):
     experiment: str = Field("deploypipe", description="MLflow experiment name")
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # safe as a folder name
+
+
 class StageEntry(Schema):
     stage: str
-    id: str
+    id: str = Field(pattern=NAME_PATTERN)
     config: dict[str, Any]
 
 
 class PipelineConfig(Schema):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=NAME_PATTERN)
     model: ModelSpec
     data: DataSpec
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -100,8 +100,7 @@ class Splits:
     test: ImageSet
     classes: list[str]
     augment: Optional[Augment]
-    source: str
-    info: dict = field(default_factory=dict)
+    fingerprint: str  # identity of the data (spec + image files' names, sizes, mtimes): part of resume keys
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -143,7 +142,7 @@ def _list_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, files
 
 
-def _decode(job: tuple[list[str], Optional[int]]) -> np.ndarray:
+def _decode(job: tuple[list[str], Optional[int]]) -> list[np.ndarray]:
     from PIL import Image
 
     paths, size = job
@@ -154,27 +153,26 @@ def _decode(job: tuple[list[str], Optional[int]]) -> np.ndarray:
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             out.append(np.asarray(im, dtype=np.uint8))
-    shapes = {a.shape for a in out}
-    if len(shapes) > 1:
-        raise InputError(f"images have different sizes {sorted(shapes)[:3]}",
-                         "set data.image_size (e.g. 32) so they are resized to one size")
-    return np.stack(out)
+    return out
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DEPLOYPIPE_CACHE", Path.home() / ".cache" / "deploypipe"))
 
 
-def _decode_folder(root: Path, image_size: Optional[int], workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _decode_folder(root: Path, image_size: Optional[int], workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
+    """Decode an image folder to (N, C, H, W) uint8 once; later calls read the cache. Returns the
+    images, labels, class names and the folder's key (which changes when any file changes)."""
     classes, files = _list_folder(root)
     stat = hashlib.sha256(json.dumps([str(root.resolve()), image_size, classes]).encode())
     for path, _ in files:
         st = os.stat(path)
         stat.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    cached = cache_dir() / f"imagefolder-{stat.hexdigest()[:24]}.npz"
+    key = stat.hexdigest()[:24]
+    cached = cache_dir() / f"imagefolder-{key}.npz"
     if cached.is_file():
         with np.load(cached) as z:
-            return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), classes
+            return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), classes, key
     paths = [p for p, _ in files]
     chunk = 2000
     jobs = [(paths[i:i + chunk], image_size) for i in range(0, len(paths), chunk)]
@@ -186,17 +184,18 @@ def _decode_folder(root: Path, image_size: Optional[int], workers: int) -> tuple
                                transient=True))
     else:
         parts = [_decode(j) for j in jobs]
-    shapes = {p.shape[1:] for p in parts}
+    arrays = [a for part in parts for a in part]
+    shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise InputError(f"images under '{root}' have different sizes {sorted(shapes)[:3]}",
                          "set data.image_size (e.g. 32) so they are resized to one size")
-    images = np.ascontiguousarray(np.concatenate(parts).transpose(0, 3, 1, 2))
+    images = np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
     labels = np.array([lbl for _, lbl in files], dtype=np.int64)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
     np.savez(tmp, images=images, labels=labels)
     os.replace(tmp, cached)
-    return torch.from_numpy(images), torch.from_numpy(labels), classes
+    return torch.from_numpy(images), torch.from_numpy(labels), classes, key
 
 
 def _torchvision(name: str, root: Optional[str]) -> tuple[tuple, tuple, list[str]]:
@@ -236,7 +235,8 @@ def load_data(spec: DataSpec, workers: int = 2) -> Splits:
     """Build the splits of a data spec: deterministic given ``spec.seed``."""
     source, _, arg = spec.source.partition(":")
     g = torch.Generator().manual_seed(spec.seed)
-    natural = True
+    natural = True  # horizontal flips keep the label (not so for digits)
+    keys: list[str] = []
     if source == "digits":
         if arg:
             raise InputError(f"data source 'digits' takes no argument (got '{spec.source}')", "use 'digits'")
@@ -253,9 +253,11 @@ def load_data(spec: DataSpec, workers: int = 2) -> Splits:
         if not (root / "train").is_dir():
             raise InputError(f"data folder '{root}' has no train/ subfolder",
                              f"lay it out as {root}/train/<class>/* and {root}/test/<class>/*")
-        xtr, ytr, classes = _decode_folder(root / "train", spec.image_size, workers)
+        xtr, ytr, classes, key = _decode_folder(root / "train", spec.image_size, workers)
+        keys.append(key)
         if (root / "test").is_dir():
-            xte, yte, test_classes = _decode_folder(root / "test", spec.image_size, workers)
+            xte, yte, test_classes, key = _decode_folder(root / "test", spec.image_size, workers)
+            keys.append(key)
             if test_classes != classes:
                 raise InputError(f"{root}/test classes {test_classes[:5]} differ from train classes {classes[:5]}",
                                  "use the same class folders in train/ and test/")
@@ -267,6 +269,7 @@ def load_data(spec: DataSpec, workers: int = 2) -> Splits:
         name, _, root = arg.partition(":")
         (xtr, ytr), (xte, yte), classes = _torchvision(name, root or None)
         train, test = ImageSet(xtr, ytr), ImageSet(xte, yte)
+        natural = name.startswith("CIFAR")
     else:
         raise InputError(f"unknown data source '{spec.source}'",
                          "use digits, imagefolder:PATH or torchvision:CIFAR10")
@@ -279,6 +282,6 @@ def load_data(spec: DataSpec, workers: int = 2) -> Splits:
     augment = None
     if spec.augment == "standard":
         augment = Augment(pad=max(1, h // 8), flip=natural)
+    fingerprint = hashlib.sha256(json.dumps([spec.model_dump(mode="json"), keys]).encode()).hexdigest()
     return Splits(train=train, calib=train.subset(calib_index), test=test, classes=classes,
-                  augment=augment, source=spec.source,
-                  info={"train": len(train), "calib": len(calib_index), "test": len(test)})
+                  augment=augment, fingerprint=fingerprint)

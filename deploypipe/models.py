@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -80,8 +81,7 @@ def resolve_factory(factory: str) -> Callable[..., nn.Module]:
     if not sep or not module_name or not attr:
         raise InputError(f"model spec '{factory}' is neither zoo:NAME, package.module:factory, nor a saved model folder",
                          "use e.g. zoo:resnet20, mypkg.models:make_net, or the path of a stage's model/ folder")
-    if os.getcwd() not in sys.path:  # like `python -m`: a user's module next to the pipeline imports
-        sys.path.insert(0, os.getcwd())
+    _add_cwd_to_path()
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -93,12 +93,43 @@ def resolve_factory(factory: str) -> Callable[..., nn.Module]:
     return fn
 
 
-def build_model(record: ModelRecord) -> nn.Module:
-    """The architecture of a record, with fresh weights."""
-    net = resolve_factory(record.factory)(**record.kwargs)
+def _add_cwd_to_path() -> None:
+    """A user's model module next to the pipeline imports (after installed packages, never shadowing them)."""
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+
+
+def factory_source(factory: str) -> Optional[Path]:
+    """The source file that defines a factory's architecture (for resume keys), if it can be found."""
+    if factory.startswith("zoo:"):
+        return Path(__file__).with_name("zoo.py")
+    module_name, sep, _ = factory.partition(":")
+    if not sep or not module_name:
+        return None
+    _add_cwd_to_path()
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    return Path(origin) if origin and Path(origin).is_file() else None
+
+
+def _call_factory(record: ModelRecord) -> nn.Module:
+    try:
+        net = resolve_factory(record.factory)(**record.kwargs)
+    except TypeError as err:
+        raise InputError(f"factory '{record.factory}' rejected its arguments {sorted(record.kwargs)}: {err}",
+                         "fix the model kwargs to match the factory's signature") from None
     if not isinstance(net, nn.Module):
         raise InputError(f"factory '{record.factory}' returned {type(net).__name__}, not an nn.Module",
                          "make the factory return the model")
+    return net
+
+
+def build_model(record: ModelRecord) -> nn.Module:
+    """The architecture of a record, with fresh weights."""
+    net = _call_factory(record)
     if record.normalize:
         net = NormalizedModel(record.normalize["mean"], record.normalize["std"], net)
     for t in record.transforms:
@@ -223,13 +254,10 @@ def model_from_spec(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: 
         record = ModelRecord(factory=spec.spec, kwargs=dict(spec.kwargs),
                              normalize={"mean": spec.mean, "std": spec.std} if spec.mean else None,
                              input_shape=list(input_shape), num_classes=num_classes)
-        net = resolve_factory(spec.spec)(**spec.kwargs)
-        if not isinstance(net, nn.Module):
-            raise InputError(f"factory '{spec.spec}' returned {type(net).__name__}, not an nn.Module",
-                             "make the factory return the model")
-        if spec.checkpoint:
-            _load_state(net, _read_state(Path(spec.checkpoint)), str(spec.checkpoint), spec.spec)
-        model = NormalizedModel(spec.mean, spec.std, net) if spec.mean else net
+        model = build_model(record)
+        if spec.checkpoint:  # the user's weights are for their own net, inside our Normalize wrapper
+            target = model.net if record.normalize else model
+            _load_state(target, _read_state(Path(spec.checkpoint)), str(spec.checkpoint), spec.spec)
     check_fits_data(model, input_shape, num_classes, spec.spec)
     return model, record
 

@@ -18,6 +18,7 @@ a crash so the stage can resume.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -25,9 +26,10 @@ import random
 import shutil
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -36,9 +38,10 @@ import yaml
 from .config import PipelineConfig, validate
 from .data import Splits, load_data
 from .errors import InputError, StageFailed
-from .models import ModelRecord, content_hash, load_model, model_from_spec, read_record, save_model
+from .models import (ModelRecord, content_hash, factory_source, is_model_dir, load_model, model_from_spec, read_record,
+                     save_model)
 from .stage import StageContext, StageDef, StageResult, load_stages
-from .tracking import Tracker, check_reachable, resolve_uri
+from .tracking import Tracker, check_reachable, default_uri, resolve_uri
 
 
 @dataclass
@@ -96,11 +99,16 @@ def _hash(obj: Any) -> str:
 
 
 def _spec_hash(cfg: PipelineConfig) -> str:
+    """Identity of the pipeline's input model: its spec, checkpoint bytes, saved folder or factory source."""
     parts: dict[str, Any] = {"model": cfg.model.model_dump(mode="json")}
     if cfg.model.checkpoint:
         parts["checkpoint"] = content_hash(cfg.model.checkpoint)
-    if (Path(cfg.model.spec) / "model.json").is_file():
+    if is_model_dir(cfg.model.spec):
         parts["artifact"] = content_hash(cfg.model.spec)
+    else:
+        source = factory_source(cfg.model.spec)
+        if source:
+            parts["factory_source"] = content_hash(source)
     return _hash(parts)
 
 
@@ -123,16 +131,24 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 class Pipeline:
-    """A validated pipeline with its data and input model, ready to run."""
+    """A validated pipeline with its data and input model, ready to run.
+
+    Construction is the preflight: config, stage options, device, tracking server, data and model
+    are all checked here, and nothing is written. CLI overrides (seed, device, experiment) are
+    folded into ``self.cfg`` so what is logged is what ran.
+    """
 
     def __init__(self, cfg: PipelineConfig, workdir: Path, *, out_dir: Optional[Path] = None, tracking_uri: Optional[str] = None,
                  experiment: Optional[str] = None, device: Optional[str] = None, seed: Optional[int] = None,
                  show_progress: bool = True, where: str = "pipeline"):
         registry = load_stages()
-        self.cfg = cfg
+        overrides: dict[str, Any] = {k: v for k, v in (("seed", seed), ("device", device)) if v is not None}
+        if experiment:
+            overrides["tracking"] = cfg.tracking.model_copy(update={"experiment": experiment})
+        self.cfg = cfg = cfg.model_copy(update=overrides)
         self.workdir = Path(workdir)
         self.out_dir = Path(out_dir) if out_dir else self.workdir / cfg.name
-        self.seed = cfg.seed if seed is None else seed
+        self.seed = cfg.seed
         self.show_progress = show_progress
         self.stage_defs: list[tuple[Any, StageDef, Any]] = []
         for i, entry in enumerate(cfg.stages):
@@ -142,10 +158,10 @@ class Pipeline:
             sdef = registry[entry.stage]
             typed = validate(sdef.config, entry.config, where, prefix=f"stages[{i}].{entry.stage}")
             self.stage_defs.append((entry, sdef, typed))
-        self.device = resolve_device(device or cfg.device)
+        self.device = resolve_device(cfg.device)
         self.uri = resolve_uri(tracking_uri, cfg.tracking.uri, self.workdir)
-        check_reachable(self.uri)
-        self.experiment = experiment or cfg.tracking.experiment
+        if self.uri != default_uri(self.workdir):  # the default store is created with the work directory
+            check_reachable(self.uri)
         self.data: Splits = load_data(cfg.data)
         mean, std = self.data.channel_stats()
         seed_everything(self.seed)  # fresh weights of a zoo model are part of the reproducible run
@@ -154,26 +170,50 @@ class Pipeline:
 
     def stage_key(self, entry: Any, typed: Any, input_hash: str) -> str:
         return _hash({"stage": entry.stage, "config": typed.model_dump(mode="json"), "input": input_hash,
-                      "data": self.cfg.data.model_dump(mode="json"), "seed": self.seed})
+                      "data": self.data.fingerprint, "seed": self.seed})
 
-    def run(self, only: Optional[list[str]] = None, force: bool = False) -> PipelineSummary:
+    def _check_selection(self, only: Optional[list[str]], force: bool) -> None:
+        """Before anything is written: every stage before the selected ones must be finished."""
         ids = [e.id for e, _, _ in self.stage_defs]
         for name in only or []:
             if name not in ids:
-                raise InputError(f"--stage {name}: no stage with that id in the pipeline",
-                                 f"use one of: {', '.join(ids)}")
+                raise InputError(f"--stage {name}: no stage with that id in the pipeline", f"use one of: {', '.join(ids)}")
+        input_hash = self.input_hash
+        for entry, _, typed in self.stage_defs:
+            done = _read_result(self.out_dir / entry.id)
+            selected = only is None or entry.id in only
+            if done and done.get("key") == self.stage_key(entry, typed, input_hash) and not (force and selected):
+                input_hash = done.get("model_hash", input_hash)
+            elif not selected:
+                raise InputError(f"--stage: stage '{entry.id}' comes before the selected stage(s) but has no "
+                                 "finished output for this config",
+                                 "run the whole pipeline once (without --stage), or select it too")
+            else:
+                return  # from here on, stages run
+
+    def run(self, only: Optional[list[str]] = None, force: bool = False) -> PipelineSummary:
+        self._check_selection(only, force)
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"cannot create the work directory: {err}", "choose a writable --workdir / --out") from None
+        with _exclusive(self.out_dir):
+            return self._run_locked(only, force)
+
+    def _run_locked(self, only: Optional[list[str]], force: bool) -> PipelineSummary:
+        ids = [e.id for e, _, _ in self.stage_defs]
         last_selected = [i for i in ids if i in only][-1] if only else None
         t_start = time.perf_counter()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.out_dir.glob(".*.partial-*"):  # left by a killed process
+        for stale in [*self.out_dir.glob(".*.partial-*"), *self.out_dir.glob(".*.old-*")]:  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
-        tracker = Tracker(self.uri, self.experiment, self.workdir / "mlartifacts")
-        config = self.cfg.model_dump(mode="json")
-        tracker.start_pipeline(self.cfg.name, config, tags={"deploypipe.outputs": str(self.out_dir.resolve())})
+        tracker = Tracker(self.uri, self.cfg.tracking.experiment, self.workdir / "mlartifacts")
+        tracker.start_pipeline(self.cfg.name, self.cfg.model_dump(mode="json"),
+                               tags={"deploypipe.outputs": str(self.out_dir.resolve())})
         (self.out_dir / "pipeline.yaml").write_text(self.cfg.to_yaml())
         tracker.log_artifact(self.out_dir / "pipeline.yaml")
         model, record, input_hash = self.model, self.record, self.input_hash
+        input_name = self.cfg.model.spec  # where the current model comes from (logged as a tag)
         previous: dict[str, StageResult] = {}
         outcomes: list[StageOutcome] = []
         status = "FAILED"
@@ -182,22 +222,18 @@ class Pipeline:
                 key = self.stage_key(entry, typed, input_hash)
                 final = self.out_dir / entry.id
                 done = _read_result(final)
-                selected = only is None or entry.id in only
-                if done and done.get("key") == key and not (force and selected):
-                    outcome = self._record_skip(tracker, entry, typed, final, done)
-                elif not selected:
-                    raise InputError(f"--stage: stage '{entry.id}' comes before the selected stage(s) but has no "
-                                     "finished output for this config",
-                                     "run the whole pipeline once (without --stage), or select it too")
+                if done and done.get("key") == key and not (force and (only is None or entry.id in only)):
+                    outcome = self._record_skip(tracker, entry, typed, final, done, input_name)
                 else:
-                    outcome = self._run_stage(tracker, entry, sdef, typed, key, model, record, previous)
+                    outcome = self._run_stage(tracker, entry, sdef, typed, key, model, record, previous, input_name)
                     done = _read_result(final)
                 outcomes.append(outcome)
-                previous[entry.id] = StageResult(metrics=outcome.metrics)
+                previous[entry.id] = StageResult(metrics=outcome.metrics,
+                                                 artifacts=sorted(p for p in final.iterdir() if p.name != "result.json"))
                 if done.get("model"):
                     model, record = load_model(final / "model"), read_record(final / "model")
-                    input_hash = done["model_hash"]
-                if only is not None and entry.id == last_selected:
+                    input_hash, input_name = done["model_hash"], str(final / "model")
+                if entry.id == last_selected:
                     break  # later stages are not asked for
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -208,16 +244,21 @@ class Pipeline:
         return PipelineSummary(self.cfg.name, str(self.out_dir), self.uri, tracker.run_id, outcomes,
                                tracker.seconds, tracker.setup_seconds, tracker.calls, time.perf_counter() - t_start)
 
-    def _record_skip(self, tracker: Tracker, entry: Any, typed: Any, final: Path, done: dict) -> StageOutcome:
+    def _record_skip(self, tracker: Tracker, entry: Any, typed: Any, final: Path, done: dict,
+                     input_name: str) -> StageOutcome:
         st = tracker.stage(entry.id, entry.stage, typed.model_dump(mode="json"),
-                           tags={"deploypipe.skipped": "true", "deploypipe.resumed_from": done.get("run_id", "")})
+                           tags={"deploypipe.skipped": "true", "deploypipe.resumed_from": done.get("run_id", ""),
+                                 "deploypipe.input_model": input_name})
         st.log_summary(done.get("metrics", {}))
+        if not done.get("tracked", True):  # finished earlier while MLflow was failing: upload now
+            st.log_artifacts(final)
+            _write_result(final, {**done, "tracked": True})
         st.end("FINISHED")
         return StageOutcome(entry.id, entry.stage, "skipped", 0.0, done.get("metrics", {}), str(final),
                             str(final / "model") if done.get("model") else None, st.run_id)
 
     def _run_stage(self, tracker: Tracker, entry: Any, sdef: StageDef, typed: Any, key: str,
-                   model: torch.nn.Module, record: ModelRecord, previous: dict) -> StageOutcome:
+                   model: torch.nn.Module, record: ModelRecord, previous: dict, input_name: str) -> StageOutcome:
         final = self.out_dir / entry.id
         tmp = self.out_dir / f".{entry.id}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -228,23 +269,23 @@ class Pipeline:
         work.mkdir(parents=True, exist_ok=True)
         (work / "key").write_text(key)
         config = typed.model_dump(mode="json")
-        st = tracker.stage(entry.id, entry.stage, config)
+        st = tracker.stage(entry.id, entry.stage, config, tags={"deploypipe.input_model": input_name})
         (tmp / "config.yaml").write_text(yaml.safe_dump({entry.stage: config}, sort_keys=False))
-        ctx = StageContext(stage_id=entry.id, model=model.to(self.device), record=record, data=self.data,
-                           device=self.device, tracker=st, out_dir=tmp, work_dir=work, seed=self.seed,
-                           previous=dict(previous), show_progress=self.show_progress)
+        # each stage gets its own copy: in-place changes never leak into the pipeline's input model
+        ctx = StageContext(stage_id=entry.id, model=copy.deepcopy(model).to(self.device), record=record,
+                           data=self.data, device=self.device, tracker=st, out_dir=tmp, work_dir=work,
+                           seed=self.seed, previous=dict(previous), show_progress=self.show_progress)
         seed_everything(self.seed)
         t0 = time.perf_counter()
         try:
             result = sdef.run(ctx, typed)
             seconds = time.perf_counter() - t0
             out = {"stage": entry.stage, "id": entry.id, "key": key, "metrics": result.metrics,
-                   "run_id": st.run_id, "seconds": seconds, "model": result.model is not None,
-                   "artifacts": sorted(p.name for p in tmp.iterdir())}
+                   "run_id": st.run_id, "seconds": seconds, "model": result.model is not None, "tracked": False}
             if result.model is not None:
                 save_model(result.model, result.record or record, tmp / "model")
                 out["model_hash"] = content_hash(tmp / "model")
-            (tmp / "result.json").write_text(json.dumps(out, indent=2))
+            _write_result(tmp, out)
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
             st.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
@@ -252,13 +293,49 @@ class Pipeline:
             if isinstance(err, (KeyboardInterrupt, InputError)):
                 raise
             raise StageFailed(entry.id, err) from err
-        _replace_dir(tmp, final)
+        _replace_dir(tmp, final)  # from here on the stage's results are safe on disk
         shutil.rmtree(work, ignore_errors=True)  # finished: checkpoints to resume from are no longer needed
-        st.log_summary({**result.metrics, "stage_seconds": seconds})
-        st.log_artifacts(final)
-        st.end("FINISHED")
+        try:
+            st.log_summary({**result.metrics, "stage_seconds": seconds})
+            st.log_artifacts(final)
+            st.end("FINISHED")
+        except Exception as err:
+            try:
+                st.end("FAILED", error=f"logging to MLflow failed after the stage finished: {err}")
+            except Exception:
+                pass
+            raise StageFailed(entry.id, RuntimeError(
+                f"finished, outputs kept in {final}, but logging to MLflow failed ({err}); "
+                "rerun the pipeline to upload them")) from err
+        _write_result(final, {**out, "tracked": True})
         return StageOutcome(entry.id, entry.stage, "ran", seconds, result.metrics, str(final),
                             str(final / "model") if result.model is not None else None, st.run_id)
+
+
+def _write_result(stage_dir: Path, result: dict) -> None:
+    tmp = stage_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, stage_dir / "result.json")
+
+
+@contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """One run at a time per output folder (another run would delete our partial outputs)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out_dir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"another deploypipe run is using {out_dir}",
+                             "wait for it to finish, or give this run another --out / --workdir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _read_key(work: Path) -> Optional[str]:

@@ -36,7 +36,7 @@ class StageResult:
     model: Optional[nn.Module] = None
     record: Optional[ModelRecord] = None
     metrics: dict[str, float] = field(default_factory=dict)
-    artifacts: list[Path] = field(default_factory=list)
+    artifacts: list[Path] = field(default_factory=list)  # filled by the pipeline: the finished stage's files
 
 
 @dataclass
@@ -67,12 +67,9 @@ class StageContext:
         return path
 
     def save_figure(self, fig: Any, name: str) -> Path:
-        """Save a matplotlib figure as ``<out_dir>/<name>.png`` and close it."""
-        import matplotlib.pyplot as plt
-
+        """Save a matplotlib figure (``matplotlib.figure.Figure``: no global backend) as ``<out_dir>/<name>.png``."""
         path = self.out_dir / f"{name}.png"
         fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
         return path
 
 

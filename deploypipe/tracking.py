@@ -26,6 +26,7 @@ from .errors import InputError
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
+FLUSH_SECONDS = 15.0  # buffered metrics go out at least this often, so curves update while a stage runs
 
 
 def default_uri(workdir: Path) -> str:
@@ -38,38 +39,60 @@ def resolve_uri(cli_uri: Optional[str], config_uri: Optional[str], workdir: Path
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail early (exit 2, nothing written) when a tracking server cannot be reached."""
-    scheme = urlparse(uri).scheme
+    """Fail early (exit 2, nothing written) when the tracking store cannot be used."""
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]  # postgresql+psycopg2 -> postgresql
+    if uri == "databricks" or scheme in ("databricks", "postgresql", "mysql", "mssql"):
+        return  # database-backed stores are checked when MLflow connects
     if scheme in ("http", "https"):
-        import requests
-
-        try:
-            resp = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
-        except requests.RequestException as err:
-            reason = type(err).__name__
-            raise InputError(f"tracking server {uri} is unreachable ({reason})",
-                             "start it (mlflow/launch.sh or 'deploypipe ui'), or drop --tracking-uri / "
-                             "MLFLOW_TRACKING_URI to use the local sqlite store") from None
-        if resp.status_code >= 400 and resp.status_code not in (401, 403, 404):
-            raise InputError(f"tracking server {uri} answered HTTP {resp.status_code} to /health",
-                             "check that the URI points at an MLflow server")
-        # /health needs no login on recent servers: ask an authenticated endpoint with the user's credentials
-        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-        try:
-            resp = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
-                                auth=(user, password or "") if user else None, timeout=timeout)
-        except requests.RequestException as err:
-            raise InputError(f"tracking server {uri} stopped answering ({type(err).__name__})",
-                             "check the server and retry") from None
-        if resp.status_code in (401, 403):
-            raise InputError(f"tracking server {uri} refused the credentials (HTTP {resp.status_code})",
-                             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+        _check_server(uri, timeout)
+    elif scheme == "sqlite":
+        path = uri.split(":///", 1)[1] if ":///" in uri else ""
+        folder = Path(path).parent
+        if path and path != ":memory:" and not folder.is_dir():
+            raise InputError(f"the folder of the sqlite tracking store '{uri}' does not exist",
+                             f"create {folder} or point the URI at an existing folder")
     elif scheme in ("", "file"):
         raise InputError(f"tracking URI '{uri}' is a plain file store, which MLflow 3 no longer writes by default",
                          "use sqlite:///PATH/mlflow.db or an http(s):// server")
-    elif scheme not in ("sqlite", "postgresql", "mysql", "mssql", "databricks"):
-        raise InputError(f"tracking URI '{uri}' has an unsupported scheme '{scheme}'",
+    else:
+        raise InputError(f"tracking URI '{uri}' has an unsupported scheme '{parsed.scheme}'",
                          "use sqlite:///PATH/mlflow.db or http://HOST:PORT")
+
+
+def _check_server(uri: str, timeout: float) -> None:
+    import requests
+
+    verify: Any = True
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        verify = False
+    elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        verify = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+    headers, auth = {}, None
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+    base = uri.rstrip("/")
+    try:
+        resp = requests.get(base + "/health", timeout=timeout, verify=verify)
+    except requests.RequestException as err:
+        raise InputError(f"tracking server {uri} is unreachable ({type(err).__name__})",
+                         "start it (mlflow/launch.sh or 'deploypipe ui'), or drop --tracking-uri / "
+                         "MLFLOW_TRACKING_URI to use the local sqlite store") from None
+    if resp.status_code >= 400 and resp.status_code not in (401, 403, 404):
+        raise InputError(f"tracking server {uri} answered HTTP {resp.status_code} to /health",
+                         "check that the URI points at an MLflow server")
+    # /health needs no login on recent servers: ask an authenticated endpoint with the user's credentials
+    try:
+        resp = requests.get(base + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                            auth=auth, headers=headers, timeout=timeout, verify=verify)
+    except requests.RequestException as err:
+        raise InputError(f"tracking server {uri} stopped answering ({type(err).__name__})",
+                         "check the server and retry") from None
+    if resp.status_code in (401, 403):
+        raise InputError(f"tracking server {uri} refused the credentials (HTTP {resp.status_code})",
+                         "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
@@ -99,7 +122,8 @@ def version_tags() -> dict[str, str]:
 
     tags = {"deploypipe.version": deploypipe.__version__, "torch.version": torch.__version__,
             "mlflow.version": mlflow.__version__, "python.version": platform.python_version()}
-    own = _git_commit(Path(deploypipe.__file__).resolve().parent)
+    source = Path(deploypipe.__file__).resolve().parent.parent
+    own = _git_commit(source) if (source / "pyproject.toml").is_file() else None  # a source checkout only
     if own:
         tags["deploypipe.git_commit"] = own
     user = _git_commit(Path.cwd())
@@ -177,6 +201,7 @@ class StageTracker:
         self.run_id = run_id
         self._buffer: list = []
         self._latest: dict[str, tuple[int, float]] = {}
+        self._flushed_at = time.monotonic()
 
     def log_summary(self, metrics: dict[str, float]) -> None:
         """Final metrics at the last step used, leaving out values a curve already ends with."""
@@ -189,10 +214,11 @@ class StageTracker:
         now = int(time.time() * 1000)
         self._buffer += [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         self._latest.update({k: (step or 0, float(v)) for k, v in metrics.items()})
-        if len(self._buffer) >= MAX_METRICS_PER_BATCH:
+        if len(self._buffer) >= MAX_METRICS_PER_BATCH or time.monotonic() - self._flushed_at > FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
+        self._flushed_at = time.monotonic()
         while self._buffer:
             batch, self._buffer = self._buffer[:MAX_METRICS_PER_BATCH], self._buffer[MAX_METRICS_PER_BATCH:]
             self.tracker.call("log_batch", self.run_id, metrics=batch)

@@ -46,7 +46,7 @@ class NormalizedModel(nn.Module):
 
 
 # --------------------------------------------------------------------------- digits CNN
-def digits_cnn(num_classes: int = 10, in_channels: int = 1, mean=(0.3,), std=(0.4,), **_: object) -> nn.Module:
+def digits_cnn(num_classes: int = 10, in_channels: int = 1, mean=(0.3,), std=(0.4,)) -> nn.Module:
     def block(cin: int, cout: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
@@ -127,11 +127,11 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
-def resnet20(num_classes: int = 10, in_channels: int = 3, mean=CIFAR_MEAN, std=CIFAR_STD, **_: object) -> nn.Module:
+def resnet20(num_classes: int = 10, in_channels: int = 3, mean=CIFAR_MEAN, std=CIFAR_STD) -> nn.Module:
     return CifarResNet(20, num_classes, in_channels, mean, std)
 
 
-def resnet56(num_classes: int = 10, in_channels: int = 3, mean=CIFAR_MEAN, std=CIFAR_STD, **_: object) -> nn.Module:
+def resnet56(num_classes: int = 10, in_channels: int = 3, mean=CIFAR_MEAN, std=CIFAR_STD) -> nn.Module:
     return CifarResNet(56, num_classes, in_channels, mean, std)
 
 
@@ -195,7 +195,7 @@ class ViT(nn.Module):
 
 def vit_tiny(num_classes: int = 10, in_channels: int = 3, mean=CIFAR_MEAN, std=CIFAR_STD,
              image_size: int = 32, patch: int = 4, dim: int = 192, depth: int = 6, heads: int = 3,
-             mlp_dim: int = 384, **_: object) -> nn.Module:
+             mlp_dim: int = 384) -> nn.Module:
     return ViT(image_size, patch, num_classes, in_channels, dim, depth, heads, mlp_dim, mean, std)
 
 
@@ -205,13 +205,3 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet56": resnet56,
     "vit_tiny": vit_tiny,
 }
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def resnet_depth(model: nn.Module) -> int:
-    """Number of weighted layers of a CIFAR ResNet (for sanity checks: 20 for resnet20)."""
-    return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
-

@@ -34,23 +34,33 @@ def artifact_names(client, run_id, path=None):
 
 
 def test_demo_end_to_end_into_a_fresh_store(tmp_path):
-    res = run_cli("demo", "--workdir", "runs", "--json", cwd=tmp_path)
+    res = run_cli("demo", "--workdir", "store", "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = last_json(res.stdout)
     assert [s["status"] for s in summary["stages"]] == ["ran", "ran"]
     train, evaluate = summary["stages"]
     assert train["metrics"]["test_top1"] > 0.9  # digits CNN, 15 epochs
     assert evaluate["metrics"]["test_top1"] == pytest.approx(train["metrics"]["test_top1"])
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
     runs = check_runs(client, summary["run_id"], ["train", "evaluate"])
+    parent = client.get_run(summary["run_id"])
+    assert parent.data.params["model.spec"] == "zoo:digits_cnn" and parent.data.params["data.source"] == "digits"
+    assert "pipeline.yaml" in artifact_names(client, summary["run_id"])
     t = runs["train"]
     assert t.data.params["epochs"] == "15" and t.data.params["optimizer"] == "sgd"
     assert len(client.get_metric_history(t.info.run_id, "train_loss")) == 15  # per-epoch curve
     assert {"model", "epochs.csv", "training_curves.png", "result.json"} <= artifact_names(client, t.info.run_id)
     assert {"model/model.json", "model/weights.pt"} <= artifact_names(client, t.info.run_id, "model")
     assert {"per_class.csv", "confusion.png"} <= artifact_names(client, runs["evaluate"].info.run_id)
-    # artifacts live next to the store, not in ./mlruns
-    assert (tmp_path / "runs" / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
+    # artifacts live next to the store, not in ./mlruns; outputs in <workdir>/<pipeline>/<stage>
+    assert (tmp_path / "store" / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
+    assert (tmp_path / "store" / "demo" / "train" / "model" / "model.json").is_file() and not (tmp_path / "runs").exists()
+    # size by hand: 24,058 float32 parameters; BN running mean+var over 16+32+64 channels (float32);
+    # 3 int64 num_batches_tracked; Normalize mean+std of 1 channel (float32)
+    m = evaluate["metrics"]
+    assert m["parameters"] == 1 * 16 * 9 + 2 * 16 + 16 * 32 * 9 + 2 * 32 + 32 * 64 * 9 + 2 * 64 + 64 * 10 + 10 == 24_058
+    assert m["size_bytes"] == 4 * 24_058 + 4 * 2 * (16 + 32 + 64) + 8 * 3 + 4 * 2
+    assert 0 < m["latency_ms_median"] <= m["latency_ms_p90"]
     # the model logged to MLflow reloads without pickle and gives the reported accuracy
     local = client.download_artifacts(t.info.run_id, "model", str(tmp_path / "dl"))
     model = load_model(local)
@@ -61,13 +71,14 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     data = load_data(DataSpec(source="digits", calib_size=256))
     assert top1_and_loss(model, data.test)[0] == pytest.approx(train["metrics"]["test_top1"])
 
-    again = run_cli("demo", "--workdir", "runs", "--json", cwd=tmp_path)
+    again = run_cli("demo", "--workdir", "store", "--json", cwd=tmp_path)
     assert again.returncode == 0 and [s["status"] for s in last_json(again.stdout)["stages"]] == ["skipped", "skipped"]
 
 
 def test_http_tracking_against_a_real_server(tmp_path, mlflow_server):
-    res = run_cli("run", str(pipeline_file(tmp_path)), "--workdir", "runs", "--tracking-uri", mlflow_server, "--json",
-                  cwd=tmp_path)
+    # the server comes from MLFLOW_TRACKING_URI, as a team setup would export it
+    res = run_cli("run", str(pipeline_file(tmp_path)), "--workdir", "runs", "--json", cwd=tmp_path,
+                  env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert res.returncode == 0, res.stderr[-3000:]
     summary = last_json(res.stdout)
     client = MlflowClient(mlflow_server)
@@ -117,3 +128,38 @@ def test_stages_and_help():
         res = run_cli(*args)
         assert res.returncode == 0 and "Example" in res.stdout, args
     assert shutil.which("deploypipe"), "the console script is installed"
+
+
+def test_stage_crash_exits_1_and_keeps_earlier_outputs(tmp_path):
+    """A model that fails only in training mode: evaluate (eval mode) finishes, train crashes."""
+    (tmp_path / "fragile_models.py").write_text(textwrap.dedent("""
+        import torch.nn as nn
+        class Fragile(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(64, 10)
+            def forward(self, x):
+                if self.training:
+                    raise RuntimeError("this model cannot be trained")
+                return self.fc(x.flatten(1))
+        def make():
+            return Fragile()
+    """))
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""
+        name: fragile
+        model: fragile_models:make
+        data: digits
+        stages:
+          - evaluate: {latency_repeats: 2}
+          - train: {epochs: 1}
+    """))
+    res = run_cli("run", "p.yaml", "--workdir", "runs", cwd=tmp_path)
+    assert res.returncode == 1, res.stderr[-2000:]
+    err = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "stage 'train' failed" in err[0] and "cannot be trained" in err[0]
+    assert (tmp_path / "runs" / "fragile" / "evaluate" / "result.json").is_file()
+    assert not (tmp_path / "runs" / "fragile" / "train").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("deploypipe").experiment_id])
+    status = {r.data.tags.get("deploypipe.stage_id", "pipeline"): r.info.status for r in runs}
+    assert status == {"pipeline": "FAILED", "evaluate": "FINISHED", "train": "FAILED"}

@@ -12,7 +12,13 @@ from deploypipe.config import ModelSpec
 from deploypipe.errors import InputError
 from deploypipe.models import (ModelRecord, build_model, content_hash, load_model, model_from_spec,
                                register_transform, save_model)
-from deploypipe.zoo import ZOO, count_parameters, resnet_depth
+from deploypipe.evaluation import parameter_count as count_parameters
+from deploypipe.zoo import ZOO
+
+
+def resnet_depth(model: nn.Module) -> int:
+    """Weighted layers (convs + the classifier), as He et al. count depth."""
+    return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
 
 
 @pytest.mark.parametrize("name, params, depth", [
@@ -57,7 +63,12 @@ def test_save_load_roundtrip_is_exact(tmp_path):
     again = load_model(tmp_path / "m")
     x = torch.rand(5, 3, 32, 32)
     assert torch.equal(model(x), again(x))
-    assert content_hash(tmp_path / "m") == content_hash(tmp_path / "m")
+    save_model(again, record, tmp_path / "m2")  # a second, separate save has the same identity
+    assert content_hash(tmp_path / "m") == content_hash(tmp_path / "m2")
+    with torch.no_grad():
+        again.fc.bias[0] += 1e-3
+    save_model(again, record, tmp_path / "m3")
+    assert content_hash(tmp_path / "m3") != content_hash(tmp_path / "m")
 
 
 class Doubler(nn.Module):
@@ -124,6 +135,7 @@ def test_user_factory_with_checkpoint_and_normalisation(user_module, tmp_path):
     ("no_such_module_xyz:make", {}, "cannot import module"),
     ("user_models_for_test:not_a_model", {}, "not an nn.Module"),
     ("zoo:resnet99", {}, "unknown zoo model"),
+    ("user_models_for_test:make", {"widht": 4}, "rejected its arguments"),
     ("just-a-name", {}, "neither zoo:NAME"),
 ])
 def test_bad_model_specs(user_module, tmp_path, spec, kwargs, match):

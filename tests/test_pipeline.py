@@ -65,6 +65,8 @@ def test_handoff_and_resume_skips_unchanged_stages(workdir):
     # --force reruns; --stage runs one stage on the earlier stage's finished output
     s5 = Pipeline(cfg4, workdir, show_progress=False).run(only=["evaluate"], force=True)
     assert [o.status for o in s5.stages] == ["skipped", "ran"]
+    # the skipped train stage handed its saved model on
+    assert s5.stages[1].metrics["test_top1"] == pytest.approx(s5.stages[0].metrics["test_top1"])
 
 
 def test_stage_selection_needs_finished_predecessors(workdir):
@@ -117,8 +119,15 @@ def test_interrupted_training_resumes_from_its_checkpoint(workdir, monkeypatch):
     with pytest.raises(StageFailed, match="power cut"):
         Pipeline(cfg, workdir, out_dir=workdir / "crashy", show_progress=False).run()
     assert (workdir / "crashy" / ".work" / "train" / "checkpoint.pt").is_file()
-    monkeypatch.setattr(train_stage, "train_epoch", real)
+    resumed_calls = {"n": 0}
+
+    def counting(*a, **k):
+        resumed_calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_stage, "train_epoch", counting)
     resumed = Pipeline(cfg, workdir, out_dir=workdir / "crashy", show_progress=False).run()
+    assert resumed_calls["n"] == 2  # epochs 2 and 3 only: epoch 1 came from the checkpoint
     epochs = (workdir / "crashy" / "train" / "epochs.csv").read_text().splitlines()
     assert len(epochs) == 1 + 3  # header + the epoch from before the crash + two after it
     a = load_model(workdir / "straight" / "train" / "model")
@@ -136,3 +145,57 @@ def test_unknown_stage_and_bad_stage_option(workdir):
         Pipeline(config([{"train": {"epocs": 3}}]), workdir)
     with pytest.raises(InputError, match=r"stages\[0\].train.lr = 'fast'"):
         Pipeline(config([{"train": {"lr": "fast"}}]), workdir)
+
+
+def test_finished_stage_survives_a_tracking_failure(workdir, monkeypatch):
+    from deploypipe.tracking import StageTracker
+
+    cfg = config([TRAIN])
+    real = StageTracker.log_artifacts
+
+    def down(self, directory):
+        raise ConnectionError("tracking server went away")
+
+    monkeypatch.setattr(StageTracker, "log_artifacts", down)
+    with pytest.raises(StageFailed, match="outputs kept .*logging to MLflow failed"):
+        Pipeline(cfg, workdir, show_progress=False).run()
+    result = json.loads((workdir / "p" / "train" / "result.json").read_text())
+    assert result["tracked"] is False and (workdir / "p" / "train" / "model" / "weights.pt").is_file()
+    monkeypatch.setattr(StageTracker, "log_artifacts", real)
+    s = Pipeline(cfg, workdir, show_progress=False).run()
+    assert s.stages[0].status == "skipped"  # not trained again ...
+    c = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert "model" in {a.path for a in c.list_artifacts(s.stages[0].run_id)}  # ... but uploaded now
+    assert json.loads((workdir / "p" / "train" / "result.json").read_text())["tracked"] is True
+
+
+def test_one_run_per_output_folder(workdir):
+    import fcntl
+
+    cfg = config([TRAIN])
+    (workdir / "p").mkdir()
+    with open(workdir / "p" / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # another run holds the folder
+        with pytest.raises(InputError, match="another deploypipe run is using"):
+            Pipeline(cfg, workdir, show_progress=False).run()
+
+
+def test_resume_key_follows_user_factory_source_and_overrides(workdir, tmp_path, monkeypatch):
+    mod = tmp_path / "keyed_models.py"
+    mod.write_text("import torch.nn as nn\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = validate(PipelineConfig, {"name": "k", "model": "keyed_models:make", "data": {"source": "digits", "limit_test": 50},
+                                    "stages": [{"evaluate": {"latency_repeats": 1}}]}, "test")
+    assert Pipeline(cfg, workdir, show_progress=False).run().stages[0].status == "ran"
+    assert Pipeline(cfg, workdir, show_progress=False).run().stages[0].status == "skipped"
+    mod.write_text(mod.read_text() + "# edited\n")  # the architecture's source changed
+    assert Pipeline(cfg, workdir, show_progress=False).run().stages[0].status == "ran"
+    p = Pipeline(cfg, workdir, seed=7, show_progress=False)  # a CLI override is part of what is logged and keyed
+    s = p.run()
+    assert s.stages[0].status == "ran" and p.cfg.seed == 7
+    assert "seed: 7" in (workdir / "k" / "pipeline.yaml").read_text()
+
+
+def test_stage_ids_must_be_safe_folder_names():
+    with pytest.raises(InputError, match="stages"):
+        config([{"train": {}, "id": "../escape"}])

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
+from matplotlib.figure import Figure
 from pydantic import Field
 
 from deploypipe.config import Schema
@@ -17,17 +16,13 @@ class EvaluateConfig(Schema):
     latency_batch_size: int = Field(32, ge=1, description="batch size of the latency measurement")
     latency_repeats: int = Field(20, ge=1, description="timed forward passes (median reported)")
     latency_warmup: int = Field(3, ge=0, description="untimed forward passes first")
-    threads: int = Field(0, ge=0, description="CPU threads for the latency measurement (0 = all cores)")
+    threads: int = Field(0, ge=0, description="CPU threads for the latency measurement (0 = torch's default)")
 
 
-def _confusion_figure(conf: torch.Tensor, classes: list[str]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _confusion_figure(conf: torch.Tensor, classes: list[str]) -> Figure:
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k))
+    fig = Figure(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k))
+    ax = fig.subplots()
     rates = conf / conf.sum(1, keepdim=True).clamp_min(1)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title="confusion (row-normalised)")
@@ -36,7 +31,7 @@ def _confusion_figure(conf: torch.Tensor, classes: list[str]):
     return fig
 
 
-@register("evaluate", help="measure top-1, loss, parameter count, size and CPU latency of the current model")
+@register("evaluate", help="Measure top-1, loss, parameter count, size and CPU latency of the current model")
 def run(ctx: StageContext, cfg: EvaluateConfig) -> StageResult:
     model, test = ctx.model.eval(), ctx.data.test
     with torch.inference_mode():
@@ -50,7 +45,8 @@ def run(ctx: StageContext, cfg: EvaluateConfig) -> StageResult:
     ctx.save_table("per_class", per_class)
     ctx.save_figure(_confusion_figure(conf.float(), ctx.data.classes), "confusion")
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
         cpu_model = model.to("cpu")
         lat = latency_ms(cpu_model, ctx.data.input_shape, cfg.latency_batch_size, cfg.latency_repeats, cfg.latency_warmup)

@@ -8,6 +8,7 @@ import time
 from typing import Literal, Optional
 
 import torch
+from matplotlib.figure import Figure
 from pydantic import Field
 
 from deploypipe.config import Schema
@@ -36,13 +37,9 @@ class TrainConfig(Schema):
     resume: bool = Field(True, description="resume from the last per-epoch checkpoint of an interrupted run")
 
 
-def _plot(history: list[dict]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+def _plot(history: list[dict]) -> Figure:
+    fig = Figure(figsize=(10, 3.6))
+    a, b = fig.subplots(1, 2)
     ep = [h["epoch"] for h in history]
     a.plot(ep, [h["train_loss"] for h in history], label="train")
     tested = [h for h in history if "test_loss" in h]
@@ -57,9 +54,8 @@ def _plot(history: list[dict]):
     return fig
 
 
-@register("train", help="train the model: SGD/AdamW, one-cycle/cosine, label smoothing, Gaussian-noise augmentation")
+@register("train", help="Train the model: SGD/AdamW, one-cycle/cosine, label smoothing, Gaussian-noise augmentation")
 def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, data = ctx.model, ctx.data
     channels_last = cfg.channels_last and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     if channels_last:
