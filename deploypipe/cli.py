@@ -23,6 +23,7 @@ from .config import PipelineConfig, load_pipeline, validate
 from .errors import InputError, StageFailed
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+UI_VIEW = "?workflowType=machine_learning"  # MLflow 3's UI opens its GenAI view otherwise
 
 
 def _demo_yaml() -> Path:
@@ -82,10 +83,12 @@ def _print_summary(summary: Any, workdir: Path, as_json: bool) -> None:
         shown = "\n".join(f"{k} {_fmt(v)}" for k, v in list(s.metrics.items())[:8])
         table.add_row(s.id, s.status, f"{s.seconds:.1f}", shown, s.model or s.dir or "")
     console.print(table)
+    page = f"#/experiments/{summary.experiment_id}/runs/{summary.run_id}{UI_VIEW}"
     if summary.tracking_uri.startswith("sqlite"):
-        console.print(f"MLflow: {summary.tracking_uri} — open the UI with: deploypipe ui --workdir {workdir}")
+        console.print(f"MLflow store: {summary.tracking_uri}\nUI: deploypipe ui --workdir {workdir}   "
+                      f"then open http://127.0.0.1:5000/{page}", soft_wrap=True)
     else:
-        console.print(f"MLflow: {summary.tracking_uri} (run {summary.run_id})")
+        console.print(f"MLflow: {summary.tracking_uri.rstrip('/')}/{page}", soft_wrap=True)
     if as_json:
         click.echo(json.dumps(summary.to_json()))
 
@@ -174,7 +177,13 @@ def demo_cmd(force: bool, workdir: Path, tracking_uri: Optional[str], experiment
 @cli.command("stages")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable list")
 def stages_cmd(as_json: bool) -> None:
-    """List the stages and their options (the keys of a pipeline's stage entries)."""
+    """List the stages and their options (the keys of a pipeline's stage entries).
+
+    \b
+    Examples:
+      deploypipe stages
+      deploypipe stages --json | python -m json.tool
+    """
     from .stage import load_stages
 
     registry = load_stages()
@@ -225,7 +234,7 @@ def ui_cmd(workdir: Path, host: str, port: int) -> None:
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db.resolve()}",
            "--artifacts-destination", str((workdir / "mlartifacts").resolve()), "--host", host,
            "--port", str(port), "--workers", "1"]
-    click.echo(f"MLflow UI for {workdir} at http://{host}:{port}  (Ctrl-C to stop)", err=True)
+    click.echo(f"MLflow UI for {workdir}: http://{host}:{port}/#/experiments{UI_VIEW}  (Ctrl-C to stop)", err=True)
     try:
         raise SystemExit(subprocess.call(cmd))
     except KeyboardInterrupt:

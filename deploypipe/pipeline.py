@@ -61,6 +61,7 @@ class PipelineSummary:
     name: str
     outputs: str
     tracking_uri: str
+    experiment_id: str
     run_id: Optional[str]
     stages: list[StageOutcome]
     tracking_seconds: float = 0.0
@@ -70,7 +71,7 @@ class PipelineSummary:
 
     def to_json(self) -> dict:
         return {"pipeline": self.name, "outputs": self.outputs, "tracking_uri": self.tracking_uri,
-                "run_id": self.run_id, "seconds": round(self.seconds, 3),
+                "experiment_id": self.experiment_id, "run_id": self.run_id, "seconds": round(self.seconds, 3),
                 "tracking_seconds": round(self.tracking_seconds, 3), "tracking_calls": self.tracking_calls,
                 "tracking_setup_seconds": round(self.tracking_setup_seconds, 3),
                 "stages": [vars(s) for s in self.stages]}
@@ -241,7 +242,7 @@ class Pipeline:
             raise
         finally:
             tracker.end_pipeline(status)
-        return PipelineSummary(self.cfg.name, str(self.out_dir), self.uri, tracker.run_id, outcomes,
+        return PipelineSummary(self.cfg.name, str(self.out_dir), self.uri, tracker.experiment_id, tracker.run_id, outcomes,
                                tracker.seconds, tracker.setup_seconds, tracker.calls, time.perf_counter() - t_start)
 
     def _record_skip(self, tracker: Tracker, entry: Any, typed: Any, final: Path, done: dict,

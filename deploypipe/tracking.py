@@ -26,6 +26,7 @@ from .errors import InputError
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 FLUSH_SECONDS = 15.0  # buffered metrics go out at least this often, so curves update while a stage runs
 
 
@@ -148,9 +149,12 @@ class Tracker:
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             location = artifact_root.resolve().as_uri() if (artifact_root and uri.startswith("sqlite")) else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
         else:
             self.experiment_id = exp.experiment_id
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # open the UI's model-training view, not the GenAI one
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         self.setup_seconds = time.perf_counter() - t0  # import, store connection/migrations, experiment
         self.run_id: Optional[str] = None
 

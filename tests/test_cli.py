@@ -124,7 +124,8 @@ def test_stages_and_help():
     stages = json.loads(res.stdout)
     assert {"train", "evaluate"} <= set(stages)
     assert "noise_sigma" in {o["name"] for o in stages["train"]["options"]}
-    for args in (["--help"], ["train", "--help"], ["run", "--help"], ["evaluate", "--help"], ["ui", "--help"]):
+    for args in (["--help"], ["train", "--help"], ["run", "--help"], ["evaluate", "--help"], ["ui", "--help"],
+                 ["stages", "--help"], ["demo", "--help"]):
         res = run_cli(*args)
         assert res.returncode == 0 and "Example" in res.stdout, args
     assert shutil.which("deploypipe"), "the console script is installed"
