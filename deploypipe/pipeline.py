@@ -5,15 +5,16 @@ server) is checked before anything is written, so bad input never leaves a half-
 
 Each stage's output lands in ``<out>/<stage id>/`` (``<out>`` defaults to ``<workdir>/<pipeline name>``):
 
-    result.json      key, metrics, MLflow run id, whether a model was produced
+    result.json      key, metrics, MLflow run id, whether a model was produced and uploaded
+    config.yaml      the stage's config
     model/           the output model with its reload spec (when the stage makes one)
     *.csv, *.png     the stage's tables and plots
 
 It is written in ``<out>/.<id>.partial-<pid>`` and renamed into place when the stage has
 finished, so a crash never leaves a directory that looks done. A stage's *key* hashes its name,
-config, input model, data spec and seed; a finished stage with the same key is skipped unless
-forced. ``<out>/.work/<id>/`` is the stage's scratch (e.g. per-epoch checkpoints) and survives
-a crash so the stage can resume.
+config, input model (content, or the factory's source), data (spec and image files) and seed; a
+finished stage with the same key is skipped unless forced. ``<out>/.work/<id>/`` is the stage's
+scratch (e.g. per-epoch checkpoints); it survives a crash so the stage can resume.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from .tracking import Tracker, check_reachable, default_uri, resolve_uri
 class StageOutcome:
     id: str
     stage: str
-    status: str  # ran | skipped | failed
+    status: str  # ran | skipped
     seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     dir: Optional[str] = None

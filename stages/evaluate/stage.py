@@ -24,7 +24,7 @@ def _confusion_figure(conf: torch.Tensor, classes: list[str]) -> Figure:
     fig = Figure(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k))
     ax = fig.subplots()
     rates = conf / conf.sum(1, keepdim=True).clamp_min(1)
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title="confusion (row-normalised)")
     ax.set_xticklabels(classes, rotation=90, fontsize=7)
     ax.set_yticklabels(classes, fontsize=7)
