@@ -62,7 +62,7 @@ def main() -> None:
         table.add_row(label, f"{wall:.2f}", f"{calls_s:.3f}", str(s["tracking_calls"]), f"{100 * calls_s / wall:.2f}%",
                       f"{setup_s:.3f}", f"{100 * setup_s / wall:.1f}%")
     Console(width=130).print(table)
-    print(f"setup = import mlflow + open the store (+ schema migrations when the store is new) + experiment")
+    print("setup = import mlflow + open the store (+ schema migrations when the store is new) + experiment")
     print(f"the {len(history)} metric points of the last run sent one log_metric call each: {unbatched:.3f} s "
           f"(batched, they went out in the few log_batch calls counted above)")
     print(f"store: {workdir / 'mlflow.db'}")

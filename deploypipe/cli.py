@@ -7,8 +7,6 @@ Exit codes: 0 success, 1 a stage failed (its MLflow run is FAILED, earlier resul
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import types

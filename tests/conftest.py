@@ -56,18 +56,11 @@ def mlflow_server(tmp_path_factory, migrated_db):
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, cwd=root)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            if requests.get(uri + "/health", timeout=1).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.3)
-    else:
+    try:
+        wait_for_health(uri, proc)
+    except RuntimeError:
         proc.kill()
-        raise RuntimeError("mlflow server did not come up in 90 s")
+        raise RuntimeError(f"mlflow server did not come up: {(root / 'server.log').read_text()[-2000:]}") from None
     yield uri
     proc.terminate()
     try:
@@ -75,6 +68,20 @@ def mlflow_server(tmp_path_factory, migrated_db):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+def wait_for_health(base: str, proc: subprocess.Popen, seconds: float = 90) -> None:
+    """Poll an MLflow server's /health until it answers (the process must stay alive)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server process exited with {proc.returncode}")
+        try:
+            if requests.get(base + "/health", timeout=1).ok:
+                return
+        except requests.RequestException:
+            time.sleep(0.3)
+    raise RuntimeError(f"{base} did not answer /health in {seconds:.0f} s")
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

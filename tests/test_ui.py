@@ -4,12 +4,10 @@ its children and their artifacts (the PNG plots included). And the team launch s
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import requests
 
-from conftest import REPO, free_port, last_json, pipeline_file, run_cli
+from conftest import REPO, free_port, last_json, pipeline_file, run_cli, wait_for_health
 
 
 def test_ui_serves_runs_and_artifacts(tmp_path):
@@ -21,15 +19,7 @@ def test_ui_serves_runs_and_artifacts(tmp_path):
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if requests.get(base + "/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.3)
-        else:
-            raise AssertionError("deploypipe ui did not come up")
+        wait_for_health(base, proc)
         assert requests.get(base + "/", timeout=10).ok  # the UI page itself
         exps = requests.get(base + "/ajax-api/2.0/mlflow/experiments/search", params={"max_results": 100}, timeout=10).json()
         exp_ids = [e["experiment_id"] for e in exps["experiments"]]
