@@ -215,7 +215,7 @@ class Pipeline:
         (self.out_dir / "pipeline.yaml").write_text(self.cfg.to_yaml())
         tracker.log_artifact(self.out_dir / "pipeline.yaml")
         model, record, input_hash = self.model, self.record, self.input_hash
-        input_name = self.cfg.model.spec  # where the current model comes from (logged as a tag)
+        input_tags = {"deploypipe.input_model": self.cfg.model.spec}  # which checkpoint each stage consumed
         previous: dict[str, StageResult] = {}
         outcomes: list[StageOutcome] = []
         status = "FAILED"
@@ -225,16 +225,18 @@ class Pipeline:
                 final = self.out_dir / entry.id
                 done = _read_result(final)
                 if done and done.get("key") == key and not (force and (only is None or entry.id in only)):
-                    outcome = self._record_skip(tracker, entry, typed, final, done, input_name)
+                    outcome = self._record_skip(tracker, entry, typed, final, done, input_tags)
                 else:
-                    outcome = self._run_stage(tracker, entry, sdef, typed, key, model, record, previous, input_name)
+                    outcome = self._run_stage(tracker, entry, sdef, typed, key, model, record, previous, input_tags)
                     done = _read_result(final)
                 outcomes.append(outcome)
                 previous[entry.id] = StageResult(metrics=outcome.metrics,
                                                  artifacts=sorted(p for p in final.iterdir() if p.name != "result.json"))
                 if done.get("model"):
                     model, record = load_model(final / "model"), read_record(final / "model")
-                    input_hash, input_name = done["model_hash"], str(final / "model")
+                    input_hash = done["model_hash"]
+                    input_tags = {"deploypipe.input_model": str(final / "model"),
+                                  "deploypipe.input_model_uri": f"runs:/{outcome.run_id}/model"}
                 if entry.id == last_selected:
                     break  # later stages are not asked for
             status = "FINISHED"
@@ -247,10 +249,10 @@ class Pipeline:
                                tracker.seconds, tracker.setup_seconds, tracker.calls, time.perf_counter() - t_start)
 
     def _record_skip(self, tracker: Tracker, entry: Any, typed: Any, final: Path, done: dict,
-                     input_name: str) -> StageOutcome:
+                     input_tags: dict[str, str]) -> StageOutcome:
         st = tracker.stage(entry.id, entry.stage, typed.model_dump(mode="json"),
                            tags={"deploypipe.skipped": "true", "deploypipe.resumed_from": done.get("run_id", ""),
-                                 "deploypipe.input_model": input_name})
+                                 **input_tags})
         st.log_summary(done.get("metrics", {}))
         if not done.get("tracked", True):  # finished earlier while MLflow was failing: upload now
             st.log_artifacts(final)
@@ -260,7 +262,8 @@ class Pipeline:
                             str(final / "model") if done.get("model") else None, st.run_id)
 
     def _run_stage(self, tracker: Tracker, entry: Any, sdef: StageDef, typed: Any, key: str,
-                   model: torch.nn.Module, record: ModelRecord, previous: dict, input_name: str) -> StageOutcome:
+                   model: torch.nn.Module, record: ModelRecord, previous: dict,
+                   input_tags: dict[str, str]) -> StageOutcome:
         final = self.out_dir / entry.id
         tmp = self.out_dir / f".{entry.id}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -271,7 +274,7 @@ class Pipeline:
         work.mkdir(parents=True, exist_ok=True)
         (work / "key").write_text(key)
         config = typed.model_dump(mode="json")
-        st = tracker.stage(entry.id, entry.stage, config, tags={"deploypipe.input_model": input_name})
+        st = tracker.stage(entry.id, entry.stage, config, tags=input_tags)
         (tmp / "config.yaml").write_text(yaml.safe_dump({entry.stage: config}, sort_keys=False))
         # each stage gets its own copy: in-place changes never leak into the pipeline's input model
         ctx = StageContext(stage_id=entry.id, model=copy.deepcopy(model).to(self.device), record=record,

@@ -51,7 +51,10 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     assert len(client.get_metric_history(t.info.run_id, "train_loss")) == 15  # per-epoch curve
     assert {"model", "epochs.csv", "training_curves.png", "result.json"} <= artifact_names(client, t.info.run_id)
     assert {"model/model.json", "model/weights.pt"} <= artifact_names(client, t.info.run_id, "model")
-    assert {"per_class.csv", "confusion.png"} <= artifact_names(client, runs["evaluate"].info.run_id)
+    ev = runs["evaluate"]
+    assert {"per_class.csv", "confusion.png", "config.yaml"} <= artifact_names(client, ev.info.run_id)
+    # evaluate makes no model; it names the checkpoint it measured, which resolves in MLflow
+    assert ev.data.tags["deploypipe.input_model_uri"] == f"runs:/{t.info.run_id}/model"
     # artifacts live next to the store, not in ./mlruns; outputs in <workdir>/<pipeline>/<stage>
     assert (tmp_path / "store" / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
     assert (tmp_path / "store" / "demo" / "train" / "model" / "model.json").is_file() and not (tmp_path / "runs").exists()
@@ -62,7 +65,11 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     assert m["size_bytes"] == 4 * 24_058 + 4 * 2 * (16 + 32 + 64) + 8 * 3 + 4 * 2
     assert 0 < m["latency_ms_median"] <= m["latency_ms_p90"]
     # the model logged to MLflow reloads without pickle and gives the reported accuracy
-    local = client.download_artifacts(t.info.run_id, "model", str(tmp_path / "dl"))
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=ev.data.tags["deploypipe.input_model_uri"],
+                                                dst_path=str(tmp_path / "dl"),
+                                                tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
     model = load_model(local)
     from deploypipe.config import DataSpec
     from deploypipe.data import load_data
