@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import importlib.util
 import pkgutil
 import typing
 from dataclasses import dataclass, field
@@ -99,10 +100,12 @@ def register(name: str, help: str = "") -> Callable:
 
 
 def load_stages() -> dict[str, StageDef]:
-    """Import every subpackage of deploypipe.stages so each registers itself."""
+    """Import every subpackage of deploypipe.stages that has a ``stage`` module, so each registers
+    itself (a subpackage whose algorithm exists but is not wired into pipelines yet has none)."""
     import deploypipe.stages as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.ispkg:
-            importlib.import_module(f"deploypipe.stages.{info.name}.stage")
+        name = f"deploypipe.stages.{info.name}.stage"
+        if info.ispkg and importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
     return REGISTRY
