@@ -1,0 +1,142 @@
+"""Fake-quantized layers, layer discovery, batch-norm folding, and the reloadable transform.
+
+``QuantLayer`` wraps a Conv2d or Linear: its input is fake-quantized per tensor (``a_bits``), its
+weight per output channel (``w_bits``); ``None`` bits keep that side in floating point. The wrapped
+layer's weight and bias stay trainable parameters next to the learnable scales, which is what
+AdaQuant optimises. A zero weight stays exactly zero (symmetric grid, zero point 0), so N:M sparse
+layers stay N:M after quantization.
+
+``fold_batchnorm`` folds every BatchNorm2d that directly follows a Conv2d into that conv (found by
+torch.fx tracing; models fx cannot trace are left unfolded), as TensorRT does at build time.
+
+The transform record ``{"kind": "quantize", "params": {"folded": [[conv, bn], ...], "layers":
+{name: {"w_bits", "a_bits", "a_signed"}}}}`` rebuilds exactly this structure on load.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deploypipe.models import register_transform
+
+from .quantizer import fake_quant, minmax_scale
+
+Quantizable = Union[nn.Conv2d, nn.Linear]
+
+
+class QuantLayer(nn.Module):
+    def __init__(self, layer: Quantizable, w_bits: Optional[int], a_bits: Optional[int], a_signed: bool = True):
+        super().__init__()
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"QuantLayer wraps Conv2d or Linear, not {type(layer).__name__}")
+        self.layer = layer
+        self.w_bits, self.a_bits, self.a_signed = w_bits, a_bits, a_signed
+        w = layer.weight.detach()
+        self.weight_scale = nn.Parameter(minmax_scale(w, w_bits or 8, axis=0))
+        self.act_scale = nn.Parameter(torch.ones((), device=w.device))  # set by calibration
+
+    def quantized_weight(self) -> torch.Tensor:
+        w = self.layer.weight
+        return fake_quant(w, self.weight_scale, self.w_bits, axis=0) if self.w_bits else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_bits:
+            x = fake_quant(x, self.act_scale, self.a_bits, self.a_signed)
+        w = self.quantized_weight()
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, w, self.layer.bias)
+        return F.linear(x, w, self.layer.bias)
+
+    def extra_repr(self) -> str:
+        return f"w_bits={self.w_bits}, a_bits={self.a_bits}, a_signed={self.a_signed}"
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, Quantizable]]:
+    """Conv2d and Linear layers not yet wrapped, in registration order (first = input side)."""
+    wrapped = {f"{name}.layer" for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in wrapped]
+
+
+def select_layers(names: list[str], include: Iterable[str] = ("*",), exclude: Iterable[str] = ()) -> list[str]:
+    """Layer names matching any ``include`` glob and no ``exclude`` glob, in order."""
+    include, exclude = list(include), list(exclude)
+    return [n for n in names if any(fnmatch.fnmatch(n, p) for p in include)
+            and not any(fnmatch.fnmatch(n, p) for p in exclude)]
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+# --------------------------------------------------------------------------- batch-norm folding
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) module names where a BatchNorm2d consumes a Conv2d's output and nothing else does."""
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # data-dependent control flow etc.: leave such models unfolded
+        return []
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), nn.BatchNorm2d):
+            src = node.args[0]
+            if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                    and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1):
+                pairs.append((src.target, node.target))
+    return pairs
+
+
+def _prepare_folded(model: nn.Module, pairs: list[list[str]]) -> None:
+    """The structure after folding: BN replaced by Identity, conv given a bias."""
+    for conv_name, bn_name in pairs:
+        conv = _get(model, conv_name)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device))
+        _set(model, bn_name, nn.Identity())
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> list[list[str]]:
+    """Fold each BN that follows a conv into it (eval-mode statistics): w' = w * g/sqrt(v+eps),
+    b' = (b - mean) * g/sqrt(v+eps) + beta. Returns the folded (conv, bn) names."""
+    pairs = [list(p) for p in conv_bn_pairs(model)]
+    for conv_name, bn_name in pairs:
+        conv, bn = _get(model, conv_name), _get(model, bn_name)
+        factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        new_bias = (bias - bn.running_mean) * factor + bn.bias
+        conv.weight.mul_(factor.view(-1, 1, 1, 1))
+        conv.bias = nn.Parameter(new_bias)
+        _set(model, bn_name, nn.Identity())
+    return pairs
+
+
+# --------------------------------------------------------------------------- the transform
+def wrap_layers(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
+    """Replace each named layer by a QuantLayer with its bits ({name: {w_bits, a_bits, a_signed}})."""
+    for name, bits in plan.items():
+        _set(model, name, QuantLayer(_get(model, name), bits.get("w_bits"), bits.get("a_bits"), bits.get("a_signed", True)))
+    return model
+
+
+@register_transform("quantize")
+def apply_quantize_transform(model: nn.Module, params: dict) -> nn.Module:
+    """Rebuild a quantized model's structure (values come from its state dict)."""
+    _prepare_folded(model, params.get("folded", []))
+    return wrap_layers(model, params["layers"])
+
+
+TRANSFORM_MODULE = __name__
