@@ -44,13 +44,18 @@ class QuantLayer(nn.Module):
         w = self.layer.weight
         return fake_quant(w, self.weight_scale, self.w_bits, axis=0) if self.w_bits else w
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_with(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     weight_scale: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
+        """The forward pass with the given tensors in place of the module's own (for AdaQuant)."""
         if self.a_bits:
-            x = fake_quant(x, self.act_scale, self.a_bits, self.a_signed)
-        w = self.quantized_weight()
+            x = fake_quant(x, act_scale, self.a_bits, self.a_signed)
+        w = fake_quant(weight, weight_scale, self.w_bits, axis=0) if self.w_bits else weight
         if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(x, w, self.layer.bias)
-        return F.linear(x, w, self.layer.bias)
+            return self.layer._conv_forward(x, w, bias)
+        return F.linear(x, w, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with(x, self.layer.weight, self.layer.bias, self.weight_scale, self.act_scale)
 
     def extra_repr(self) -> str:
         return f"w_bits={self.w_bits}, a_bits={self.a_bits}, a_signed={self.a_signed}"
