@@ -257,6 +257,30 @@ def _click_type(ann: Any) -> tuple[Any, bool]:
     return str, False  # lists and mappings: given as YAML, e.g. '[2, 4, 8]'
 
 
+def _structured(ann: Any) -> Optional[type]:
+    """list or dict when the annotation is one (possibly Optional), else None."""
+    origin = typing.get_origin(ann)
+    if origin in (list, dict):
+        return origin
+    if origin in (typing.Union, types.UnionType):
+        return next((o for o in map(_structured, typing.get_args(ann)) if o), None)
+    return None
+
+
+def _parse_structured(value: Any, ann: Any, option: str = "") -> Any:
+    """List options take 'a,b,c' or YAML '[2, 4, 8]'; mapping options take YAML '{a: 1}'."""
+    kind = _structured(ann)
+    if kind is None or not isinstance(value, str):
+        return value
+    if kind is list and not value.lstrip().startswith("["):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise InputError(f"--{option.replace('_', '-')} '{value}' is not valid YAML ({str(err).splitlines()[0]})",
+                         "write lists as a,b,c or [a, b] and mappings as {key: value}") from None
+
+
 def _stage_command(name: str, schema: type, help_text: str) -> click.Command:
     params: list[click.Parameter] = []
     for field, f in schema.model_fields.items():
@@ -288,11 +312,8 @@ def _stage_command(name: str, schema: type, help_text: str) -> click.Command:
         out, force = kw.pop("out"), kw.pop("force")
         stage_cfg = {}
         for k, v in kw.items():
-            if v is None:
-                continue
-            ann = schema.model_fields[k].annotation
-            stage_cfg[k] = yaml.safe_load(v) if (isinstance(v, str) and _click_type(ann)[0] is str and ann is not str
-                                                 and str not in typing.get_args(ann)) else v
+            if v is not None:
+                stage_cfg[k] = _parse_structured(v, schema.model_fields[k].annotation, k)
         cfg = validate(PipelineConfig, {"name": name, "model": model, "data": data, "stages": [{name: stage_cfg}]},
                        f"deploypipe {name}")
         _execute(cfg, common["workdir"], out, None, force, common["tracking_uri"], common["experiment"],

@@ -37,12 +37,14 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     res = run_cli("demo", "--workdir", "store", "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = last_json(res.stdout)
-    assert [s["status"] for s in summary["stages"]] == ["ran", "ran"]
-    train, evaluate = summary["stages"]
+    assert [s["status"] for s in summary["stages"]] == ["ran", "ran", "ran"]
+    train, quantize, evaluate = summary["stages"]
     assert train["metrics"]["test_top1"] > 0.9  # digits CNN, 15 epochs
-    assert evaluate["metrics"]["test_top1"] == pytest.approx(train["metrics"]["test_top1"])
+    assert quantize["metrics"]["fp_top1"] == pytest.approx(train["metrics"]["test_top1"])
+    assert quantize["metrics"]["test_top1"] >= train["metrics"]["test_top1"] - 0.02  # W4A4 AdaQuant
+    assert evaluate["metrics"]["test_top1"] == pytest.approx(quantize["metrics"]["test_top1"])  # it got the quantized model
     client = MlflowClient(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
-    runs = check_runs(client, summary["run_id"], ["train", "evaluate"])
+    runs = check_runs(client, summary["run_id"], ["train", "quantize", "evaluate"])
     parent = client.get_run(summary["run_id"])
     assert parent.data.params["model.spec"] == "zoo:digits_cnn" and parent.data.params["data.source"] == "digits"
     assert "pipeline.yaml" in artifact_names(client, summary["run_id"])
@@ -53,17 +55,17 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     assert {"model/model.json", "model/weights.pt"} <= artifact_names(client, t.info.run_id, "model")
     ev = runs["evaluate"]
     assert {"per_class.csv", "confusion.png", "config.yaml"} <= artifact_names(client, ev.info.run_id)
-    # evaluate makes no model; it names the checkpoint it measured, which resolves in MLflow
-    assert ev.data.tags["deploypipe.input_model_uri"] == f"runs:/{t.info.run_id}/model"
+    # evaluate makes no model; it names the checkpoint it measured (the quantized one), which resolves in MLflow
+    qrun = runs["quantize"]
+    assert {"model", "layers.csv", "layer_mse.png"} <= artifact_names(client, qrun.info.run_id)
+    assert ev.data.tags["deploypipe.input_model_uri"] == f"runs:/{qrun.info.run_id}/model"
     # artifacts live next to the store, not in ./mlruns; outputs in <workdir>/<pipeline>/<stage>
     assert (tmp_path / "store" / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
     assert (tmp_path / "store" / "demo" / "train" / "model" / "model.json").is_file() and not (tmp_path / "runs").exists()
-    # size by hand: 24,058 float32 parameters; BN running mean+var over 16+32+64 channels (float32);
-    # 3 int64 num_batches_tracked; Normalize mean+std of 1 channel (float32)
-    m = evaluate["metrics"]
-    assert m["parameters"] == 1 * 16 * 9 + 2 * 16 + 16 * 32 * 9 + 2 * 32 + 32 * 64 * 9 + 2 * 64 + 64 * 10 + 10 == 24_058
-    assert m["size_bytes"] == 4 * 24_058 + 4 * 2 * (16 + 32 + 64) + 8 * 3 + 4 * 2
-    assert 0 < m["latency_ms_median"] <= m["latency_ms_p90"]
+    # the FP32 size by hand: conv weights 1*16*9 + 16*32*9 + 32*64*9, fc 64*10 + 10; after BN folding
+    # each conv has a bias (16 + 32 + 64); buffers (Normalize) are not parameters
+    assert quantize["metrics"]["fp32_bytes"] == 4 * (16 * 9 + 16 * 32 * 9 + 32 * 64 * 9 + 650 + 112)
+    assert 0 < evaluate["metrics"]["latency_ms_median"] <= evaluate["metrics"]["latency_ms_p90"]
     # the model logged to MLflow reloads without pickle and gives the reported accuracy
     import mlflow.artifacts
 
@@ -76,10 +78,10 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     from deploypipe.evaluation import top1_and_loss
 
     data = load_data(DataSpec(source="digits", calib_size=256))
-    assert top1_and_loss(model, data.test)[0] == pytest.approx(train["metrics"]["test_top1"])
+    assert top1_and_loss(model, data.test)[0] == pytest.approx(evaluate["metrics"]["test_top1"])
 
     again = run_cli("demo", "--workdir", "store", "--json", cwd=tmp_path)
-    assert again.returncode == 0 and [s["status"] for s in last_json(again.stdout)["stages"]] == ["skipped", "skipped"]
+    assert again.returncode == 0 and [s["status"] for s in last_json(again.stdout)["stages"]] == ["skipped"] * 3
 
 
 def test_http_tracking_against_a_real_server(tmp_path, mlflow_server):

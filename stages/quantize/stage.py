@@ -1,0 +1,133 @@
+"""The quantize stage: fold BN, quantize the selected layers (first and last at 8 bits by default),
+initialise ranges on the calibration split, optionally run AdaQuant, and hand on a model that
+reloads exactly (transform record "quantize").
+
+Not in this stage yet (see the quantize issue): BN re-estimation, bias tuning, the integer-program
+bit allocation wired to measured per-layer loss deltas, and ONNX Q/DQ export.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Literal, Optional
+
+import torch
+from matplotlib.figure import Figure
+from pydantic import Field
+
+from deploypipe.config import Schema
+from deploypipe.evaluation import top1_and_loss
+from deploypipe.progress import log
+from deploypipe.stage import StageContext, StageResult, register
+
+from .adaquant import AdaQuantSettings
+from .calibrate import adaquant_model, init_ranges
+from .modules import TRANSFORM_MODULE, QuantLayer, fold_batchnorm, quantizable_layers, select_layers, wrap_layers
+
+
+class QuantizeConfig(Schema):
+    weight_bits: int = Field(4, ge=2, le=8, description="bits of the weights (per output channel, symmetric)")
+    act_bits: Optional[int] = Field(8, ge=2, le=8, description="bits of the layer inputs (per tensor); null = weight-only")
+    first_last_bits: Optional[int] = Field(8, ge=2, le=8, description="bits (weights and inputs) of the first and last layer; null = like the rest")
+    method: Literal["rtn", "adaquant"] = Field("adaquant", description="round-to-nearest, or AdaQuant layer-wise calibration")
+    mode: Literal["parallel", "sequential"] = Field("sequential", description="AdaQuant inputs: FP (parallel) or from the quantized prefix (sequential)")
+    weight_range: Literal["minmax", "percentile", "mse"] = Field("mse", description="initial weight clipping")
+    act_range: Literal["minmax", "percentile", "mse"] = Field("mse", description="initial activation clipping")
+    percentile: float = Field(99.99, gt=50, le=100, description="for the percentile ranges")
+    unsigned_activations: bool = Field(False, description="unsigned grids for non-negative inputs (not for TensorRT)")
+    include: list[str] = Field(["*"], description="glob patterns of layer names to quantize")
+    exclude: list[str] = Field([], description="glob patterns of layer names to keep in floating point")
+    iters: int = Field(1000, ge=1, description="AdaQuant steps per layer")
+    batch_size: int = Field(50, ge=1, description="cached samples per AdaQuant step")
+    lr_weight: float = Field(1e-5, gt=0, description="AdaQuant learning rate of the weights")
+    lr_bias: float = Field(1e-3, gt=0, description="AdaQuant learning rate of the biases")
+    lr_weight_scale: float = Field(1e-3, gt=0, description="AdaQuant relative learning rate of the weight scales")
+    lr_act_scale: float = Field(1e-2, gt=0, description="AdaQuant relative learning rate of the activation scale")
+    calib_batch_size: int = Field(256, ge=1, description="images per forward pass while calibrating")
+    cache_budget_mb: float = Field(1024, gt=0, description="memory for one layer's cached inputs+outputs (subsampled above it)")
+
+
+def size_bits(model: torch.nn.Module) -> int:
+    """Storage of the parameters: quantized weights at their bits, everything else at 32."""
+    total = 0
+    quantized = set()
+    for m in model.modules():
+        if isinstance(m, QuantLayer) and m.w_bits:
+            total += m.w_bits * m.layer.weight.numel() + 32 * m.weight_scale.numel()
+            quantized.add(id(m.layer.weight))
+    total += sum(32 * p.numel() for p in model.parameters() if id(p) not in quantized and p.ndim > 0)
+    return total
+
+
+def _mse_plot(rows: list[dict]) -> Figure:
+    fig = Figure(figsize=(max(6, 0.3 * len(rows)), 3.6))
+    ax = fig.subplots()
+    xs = range(len(rows))
+    ax.semilogy(xs, [r["mse_rtn"] for r in rows], "o-", label="round-to-nearest")
+    ax.semilogy(xs, [r["mse_adaquant"] for r in rows], "o-", label="AdaQuant")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r["layer"] for r in rows], rotation=90, fontsize=7)
+    ax.set(ylabel="output MSE vs FP", title="per-layer quantization error")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+@register("quantize", help="Post-training quantization: BN folding, calibrated ranges, AdaQuant (W/A bits, first/last 8-bit)")
+def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
+    device = ctx.device
+    fp = copy.deepcopy(ctx.model).eval()
+    folded = fold_batchnorm(fp)  # FP-equivalent; the quantized model is built on the folded graph
+    names = [n for n, _ in quantizable_layers(fp)]
+    chosen = select_layers(names, cfg.include, cfg.exclude)
+    if not chosen:
+        raise ValueError(f"no layer matches include={cfg.include} exclude={cfg.exclude}; layers: {names[:8]}...")
+    edge = {names[0], names[-1]}
+    plan = {}
+    for n in chosen:
+        bits = cfg.first_last_bits if (n in edge and cfg.first_last_bits) else None
+        plan[n] = {"w_bits": bits or cfg.weight_bits, "a_bits": (bits or cfg.act_bits) if cfg.act_bits else None,
+                   "a_signed": True}
+    if cfg.unsigned_activations:  # inputs that are never negative (after ReLU) get the unsigned grid
+        for n in chosen:
+            x = next(iter(ctx.data.calib.batches(cfg.calib_batch_size)))[0].to(device)
+            seen = []
+            h = fp.get_submodule(n).register_forward_hook(lambda _m, i, _o: seen.append(bool((i[0] >= 0).all())))
+            with torch.no_grad():
+                fp(x)
+            h.remove()
+            plan[n]["a_signed"] = not all(seen)
+    q = wrap_layers(copy.deepcopy(fp), plan).to(device).eval()
+
+    def batches():
+        return (x.to(device) for x, _ in ctx.data.calib.batches(cfg.calib_batch_size))
+
+    t0 = time.perf_counter()
+    init_ranges(fp, q, chosen, batches, cfg.weight_range, cfg.act_range, cfg.percentile)
+    fp_top1, fp_loss = top1_and_loss(fp, ctx.data.test, device=device)
+    rtn_top1, rtn_loss = top1_and_loss(q, ctx.data.test, device=device)
+    log(f"[{ctx.stage_id}] FP top-1 {fp_top1:.4f}; round-to-nearest W{cfg.weight_bits}A{cfg.act_bits}: {rtn_top1:.4f}")
+    metrics = {"fp_top1": fp_top1, "rtn_top1": rtn_top1, "fp_test_loss": fp_loss, "rtn_test_loss": rtn_loss}
+    rows = []
+    if cfg.method == "adaquant":
+        settings = AdaQuantSettings(cfg.iters, cfg.batch_size, cfg.lr_weight, cfg.lr_bias, cfg.lr_weight_scale, cfg.lr_act_scale)
+        rows, stats = adaquant_model(fp, q, chosen, batches, cfg.mode, settings, int(cfg.cache_budget_mb * 2**20),
+                                     ctx.seed, ctx.show_progress)
+        metrics["adaquant_top1"], metrics["adaquant_test_loss"] = top1_and_loss(q, ctx.data.test, device=device)
+        metrics["cache_peak_mb"] = stats.peak_bytes / 2**20
+        metrics["cache_subsampled_layers"] = float(len(stats.subsampled_layers))
+        log(f"[{ctx.stage_id}] AdaQuant ({cfg.mode}): {metrics['adaquant_top1']:.4f}")
+        ctx.save_figure(_mse_plot(rows), "layer_mse")
+    metrics["calibration_seconds"] = time.perf_counter() - t0
+    metrics["test_top1"] = metrics.get("adaquant_top1", rtn_top1)
+    metrics["test_loss"] = metrics.get("adaquant_test_loss", rtn_loss)
+    fp_bits, q_bits = size_bits(fp), size_bits(q)
+    metrics.update({"fp32_bytes": fp_bits / 8, "quantized_bytes": q_bits / 8, "size_fraction_of_fp32": q_bits / fp_bits})
+    params = {n: q.get_submodule(n).layer.weight.numel() for n in chosen}
+    by_layer = {r["layer"]: r for r in rows}
+    ctx.save_table("layers", [{"layer": n, "params": params[n], **plan[n],
+                               **{k: v for k, v in by_layer.get(n, {}).items() if k not in ("layer", "w_bits", "a_bits")}}
+                              for n in chosen])
+    record = ctx.record.with_transform("quantize", TRANSFORM_MODULE, {"folded": folded, "layers": plan})
+    return StageResult(model=q.cpu(), record=record, metrics=metrics)

@@ -1,0 +1,61 @@
+"""The quantize stage in a pipeline: first/last layers at 8 bits, weights on their grids, AdaQuant
+no worse than round-to-nearest on the calibration objective, and a model that reloads exactly."""
+
+import csv
+
+import pytest
+import torch
+
+from conftest import last_json, run_cli
+from deploypipe.config import PipelineConfig, validate
+from deploypipe.evaluation import top1_and_loss
+from deploypipe.models import load_model
+from deploypipe.pipeline import Pipeline
+from deploypipe.stages.quantize.modules import QuantLayer
+from deploypipe.stages.quantize.quantizer import qrange, quantize_codes
+
+
+def config(quantize):
+    return validate(PipelineConfig, {
+        "name": "q", "model": "zoo:digits_cnn", "data": {"source": "digits", "calib_size": 128},
+        "stages": [{"train": {"epochs": 6, "batch_size": 64, "lr": 0.05}}, {"quantize": quantize}]}, "test")
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_quantize_stage_end_to_end(workdir, mode):
+    cfg = config({"weight_bits": 3, "act_bits": 4, "method": "adaquant", "mode": mode, "iters": 150,
+                  "lr_weight": 1e-4})
+    pipe = Pipeline(cfg, workdir, show_progress=False)
+    summary = pipe.run()
+    m = summary.stages[1].metrics
+    assert m["size_fraction_of_fp32"] < 0.2 and m["cache_peak_mb"] > 0
+    model = load_model(workdir / "q" / "quantize" / "model")
+    qlayers = {n: mod for n, mod in model.named_modules() if isinstance(mod, QuantLayer)}
+    names = list(qlayers)
+    assert (qlayers[names[0]].w_bits, qlayers[names[-1]].w_bits) == (8, 8)  # first and last kept at 8 bits
+    assert all(qlayers[n].w_bits == 3 and qlayers[n].a_bits == 4 for n in names[1:-1])
+    for q in qlayers.values():  # every weight sits on its grid: codes * scale reproduce it
+        codes = quantize_codes(q.layer.weight, q.weight_scale, q.w_bits, axis=0)
+        assert codes.abs().max() <= qrange(q.w_bits)[1]
+        scale = q.weight_scale.view(-1, *[1] * (codes.ndim - 1))
+        torch.testing.assert_close(codes.float() * scale, q.quantized_weight())
+    top1, loss = top1_and_loss(model, pipe.data.test)  # reload reproduces the reported accuracy
+    assert top1 == pytest.approx(m["adaquant_top1"]) and loss == pytest.approx(m["adaquant_test_loss"], rel=1e-5)
+    rows = list(csv.DictReader(open(workdir / "q" / "quantize" / "layers.csv")))
+    assert [r["layer"] for r in rows] == names
+    assert all(float(r["mse_adaquant"]) <= float(r["mse_rtn"]) for r in rows)
+    assert (workdir / "q" / "quantize" / "layer_mse.png").is_file()
+
+
+def test_quantize_command_on_a_saved_model(tmp_path):
+    res = run_cli("train", "--model", "zoo:digits_cnn", "--epochs", "3", "--lr", "0.05", "--out", "out", "--json",
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    model_dir = last_json(res.stdout)["stages"][0]["model"]
+    res = run_cli("quantize", "--model", model_dir, "--weight-bits", "4", "--act-bits", "8", "--method", "rtn",
+                  "--calib-size", "64", "--out", "out", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = last_json(res.stdout)["stages"][0]["metrics"]
+    assert m["rtn_top1"] == m["test_top1"] and "adaquant_top1" not in m
+    bad = run_cli("quantize", "--model", model_dir, "--exclude", "*", "--out", "out", cwd=tmp_path)
+    assert bad.returncode == 1 and "no layer matches" in bad.stderr
