@@ -73,10 +73,10 @@ def capture(model: nn.Module, module_name: str, batches: Callable[[], Iterable[t
     module = model.get_submodule(module_name)
     xs, ys = [], []
 
-    def hook(_m, inputs, output):
-        xs.append(inputs[0].detach())
+    def hook(_m, inputs, output):  # clones: an in-place op downstream (ReLU(inplace=True)) would change them
+        xs.append(inputs[0].detach().clone())
         if want_output:
-            ys.append(output.detach())
+            ys.append(output.detach().clone())
 
     handle = module.register_forward_hook(hook)
     try:

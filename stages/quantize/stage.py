@@ -2,8 +2,8 @@
 initialise ranges on the calibration split, optionally run AdaQuant, and hand on a model that
 reloads exactly (transform record "quantize").
 
-Not in this stage yet (see the quantize issue): BN re-estimation, bias tuning, the integer-program
-bit allocation wired to measured per-layer loss deltas, and ONNX Q/DQ export.
+Then, optionally, BN re-estimation and bias tuning. Not in this stage yet (see the quantize issue):
+the integer-program bit allocation wired to measured per-layer loss deltas, and ONNX Q/DQ export.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from deploypipe.stage import StageContext, StageResult, register
 
 from .adaquant import AdaQuantSettings
 from .calibrate import adaquant_model, init_ranges
-from .modules import TRANSFORM_MODULE, QuantLayer, fold_batchnorm, quantizable_layers, select_layers, wrap_layers
+from .modules import (TRANSFORM_MODULE, QuantLayer, conv_bn_pairs, fold_batchnorm, quantizable_layers, select_layers,
+                      wrap_layers)
+from .tuning import bn_affine, reestimate_bn, tune_biases
 
 
 class QuantizeConfig(Schema):
@@ -44,6 +46,10 @@ class QuantizeConfig(Schema):
     lr_bias: float = Field(1e-3, gt=0, description="AdaQuant learning rate of the biases")
     lr_weight_scale: float = Field(1e-3, gt=0, description="AdaQuant relative learning rate of the weight scales")
     lr_act_scale: float = Field(1e-2, gt=0, description="AdaQuant relative learning rate of the activation scale")
+    bn_tuning: bool = Field(False, description="re-estimate the folded BN statistics on the quantized model")
+    bias_tuning: bool = Field(False, description="train the biases towards the FP logits (KL) on the calibration set")
+    bias_steps: int = Field(300, ge=1, description="bias-tuning steps")
+    bias_lr: float = Field(1e-4, gt=0, description="bias-tuning learning rate (Adam)")
     calib_batch_size: int = Field(256, ge=1, description="images per forward pass while calibrating")
     cache_budget_mb: float = Field(1024, gt=0, description="memory for one layer's cached inputs+outputs (subsampled above it)")
 
@@ -78,6 +84,7 @@ def _mse_plot(rows: list[dict]) -> Figure:
 def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
     device = ctx.device
     fp = copy.deepcopy(ctx.model).eval()
+    affine = bn_affine(fp, [list(p) for p in conv_bn_pairs(fp)])  # FP gamma/beta, for BN re-estimation
     folded = fold_batchnorm(fp)  # FP-equivalent; the quantized model is built on the folded graph
     names = [n for n, _ in quantizable_layers(fp)]
     chosen = select_layers(names, cfg.include, cfg.exclude)
@@ -119,9 +126,22 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
         metrics["cache_subsampled_layers"] = float(len(stats.subsampled_layers))
         log(f"[{ctx.stage_id}] AdaQuant ({cfg.mode}): {metrics['adaquant_top1']:.4f}")
         ctx.save_figure(_mse_plot(rows), "layer_mse")
-    metrics["calibration_seconds"] = time.perf_counter() - t0
     metrics["test_top1"] = metrics.get("adaquant_top1", rtn_top1)
     metrics["test_loss"] = metrics.get("adaquant_test_loss", rtn_loss)
+    if cfg.bn_tuning:
+        ctx.save_table("bn_reestimation", reestimate_bn(q, affine, batches))
+        metrics["test_top1"], metrics["test_loss"] = metrics["bn_top1"], metrics["bn_test_loss"] = \
+            top1_and_loss(q, ctx.data.test, device=device)
+        log(f"[{ctx.stage_id}] + BN re-estimation: {metrics['bn_top1']:.4f}")
+    if cfg.bias_tuning:
+        def small_batches():
+            return (x.to(device) for x, _ in ctx.data.calib.batches(64))
+
+        metrics["bias_kl_before"], metrics["bias_kl_after"] = tune_biases(fp, q, small_batches, cfg.bias_steps, cfg.bias_lr)
+        metrics["test_top1"], metrics["test_loss"] = metrics["bias_top1"], metrics["bias_test_loss"] = \
+            top1_and_loss(q, ctx.data.test, device=device)
+        log(f"[{ctx.stage_id}] + bias tuning: {metrics['bias_top1']:.4f}")
+    metrics["calibration_seconds"] = time.perf_counter() - t0
     fp_bits, q_bits = size_bits(fp), size_bits(q)
     metrics.update({"fp32_bytes": fp_bits / 8, "quantized_bytes": q_bits / 8, "size_fraction_of_fp32": q_bits / fp_bits})
     params = {n: q.get_submodule(n).layer.weight.numel() for n in chosen}

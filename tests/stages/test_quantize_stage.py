@@ -23,8 +23,9 @@ def config(quantize):
 
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])
 def test_quantize_stage_end_to_end(workdir, mode):
+    tuning = {"bn_tuning": True, "bias_tuning": True, "bias_steps": 100} if mode == "sequential" else {}
     cfg = config({"weight_bits": 3, "act_bits": 4, "method": "adaquant", "mode": mode, "iters": 150,
-                  "lr_weight": 1e-4})
+                  "lr_weight": 1e-4, **tuning})
     pipe = Pipeline(cfg, workdir, show_progress=False)
     summary = pipe.run()
     m = summary.stages[1].metrics
@@ -40,7 +41,11 @@ def test_quantize_stage_end_to_end(workdir, mode):
         scale = q.weight_scale.view(-1, *[1] * (codes.ndim - 1))
         torch.testing.assert_close(codes.float() * scale, q.quantized_weight())
     top1, loss = top1_and_loss(model, pipe.data.test)  # reload reproduces the reported accuracy
-    assert top1 == pytest.approx(m["adaquant_top1"]) and loss == pytest.approx(m["adaquant_test_loss"], rel=1e-5)
+    assert top1 == pytest.approx(m["test_top1"]) and loss == pytest.approx(m["test_loss"], rel=1e-5)
+    if tuning:
+        assert {"bn_top1", "bias_top1"} <= set(m) and m["bias_kl_after"] <= m["bias_kl_before"]
+        assert m["test_top1"] == m["bias_top1"]
+        assert (workdir / "q" / "quantize" / "bn_reestimation.csv").is_file()
     rows = list(csv.DictReader(open(workdir / "q" / "quantize" / "layers.csv")))
     assert [r["layer"] for r in rows] == names
     assert all(float(r["mse_adaquant"]) <= float(r["mse_rtn"]) for r in rows)
@@ -59,3 +64,15 @@ def test_quantize_command_on_a_saved_model(tmp_path):
     assert m["rtn_top1"] == m["test_top1"] and "adaquant_top1" not in m
     bad = run_cli("quantize", "--model", model_dir, "--exclude", "*", "--out", "out", cwd=tmp_path)
     assert bad.returncode == 1 and "no layer matches" in bad.stderr
+
+
+def test_capture_is_not_changed_by_inplace_ops_downstream():
+    from torch import nn
+
+    from deploypipe.stages.quantize.calibrate import capture
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True))
+    x = torch.randn(64, 4)
+    _, y = capture(model, "0", lambda: [x])
+    torch.testing.assert_close(y, model[0](x))  # the pre-ReLU output, negatives included
+    assert (y < 0).any()

@@ -1,0 +1,123 @@
+"""Global statistics tuning after quantization (Hubara et al. 2021, §5).
+
+BN re-estimation. A folded conv computes gamma * (conv(x) - mu) / sigma + beta, so in full precision
+its output per channel has mean beta and standard deviation |gamma| (the statistics BN was trained
+to produce). Quantization shifts both. Re-inserting BN with the FP gamma, beta and re-estimating its
+running mean/var on the quantized model, then folding it again, is the per-channel affine map
+
+    z  ->  (z - m_q) * |gamma| / s_q + beta
+
+with (m_q, s_q) the quantized layer's output statistics on the calibration set. It is folded into
+the quantized layer exactly: the weight and its per-channel scale are multiplied by the same factor
+(the integer codes do not change) and the bias is updated. Layers are processed in order, each
+measured after the ones before it were corrected.
+
+Bias tuning. Only the biases of the quantized layers are trained, to minimise
+KL(softmax(FP logits) || softmax(quantized logits)) on the calibration set.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import QuantLayer
+
+
+def bn_affine(model: nn.Module, pairs: list[list[str]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{conv name: (gamma, beta)} of the BNs that ``fold_batchnorm`` will fold (call before folding)."""
+    return {conv: (model.get_submodule(bn).weight.detach().clone(), model.get_submodule(bn).bias.detach().clone())
+            for conv, bn in pairs}
+
+
+@torch.no_grad()
+def output_stats(model: nn.Module, name: str, batches: Callable[[], Iterable[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (population) std of a module's output over all batches, streamed."""
+    acc = {}
+
+    def hook(_m, _i, out):
+        o = out.detach().double().transpose(0, 1).reshape(out.shape[1], -1)
+        acc["n"] = acc.get("n", 0) + o.shape[1]
+        acc["s"] = acc.get("s", 0) + o.sum(1)
+        acc["ss"] = acc.get("ss", 0) + (o * o).sum(1)
+
+    h = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        model.eval()
+        for x in batches():
+            model(x)
+    finally:
+        h.remove()
+    mean = acc["s"] / acc["n"]
+    var = (acc["ss"] / acc["n"] - mean**2).clamp_min(0)
+    return mean.float(), var.sqrt().float()
+
+
+@torch.no_grad()
+def reestimate_bn(q_model: nn.Module, affine: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  batches: Callable[[], Iterable[torch.Tensor]], eps: float = 1e-5) -> list[dict]:
+    """Correct every quantized layer that had a folded BN; returns per-layer before/after stats."""
+    rows = []
+    for name, (gamma, beta) in affine.items():
+        q = q_model.get_submodule(name)
+        if not isinstance(q, QuantLayer):
+            continue
+        m_q, s_q = output_stats(q_model, name, batches)
+        factor = torch.where(s_q > eps, gamma.abs() / s_q.clamp_min(eps), torch.ones_like(s_q))
+        bias = q.layer.bias if q.layer.bias is not None else torch.zeros_like(m_q)
+        shape = (-1,) + (1,) * (q.layer.weight.ndim - 1)
+        q.layer.weight.mul_(factor.view(shape))
+        q.weight_scale.mul_(factor)
+        new_bias = (bias - m_q) * factor + beta
+        if q.layer.bias is None:
+            q.layer.bias = nn.Parameter(new_bias)
+        else:
+            q.layer.bias.copy_(new_bias)
+        rows.append({"layer": name, "mean_shift": float((m_q - beta).abs().mean()),
+                     "std_ratio": float((s_q / gamma.abs().clamp_min(eps)).mean())})
+    return rows
+
+
+def tune_biases(fp_model: nn.Module, q_model: nn.Module, batches: Callable[[], Iterable[torch.Tensor]],
+                steps: int = 300, lr: float = 1e-4) -> tuple[float, float]:
+    """Train only the quantized layers' biases towards the FP logits (KL); returns KL before/after."""
+    biases = [m.layer.bias for m in q_model.modules() if isinstance(m, QuantLayer) and m.layer.bias is not None]
+    if not biases:
+        return 0.0, 0.0
+    fp_model.eval()
+    q_model.eval()  # statistics stay fixed; only the biases move
+    cached = [(x, F.log_softmax(fp_model(x), 1).detach()) for x in batches()]
+
+    def kl() -> float:
+        with torch.no_grad():
+            return sum(F.kl_div(F.log_softmax(q_model(x), 1), t, log_target=True, reduction="sum").item()
+                       for x, t in cached) / sum(len(x) for x, _ in cached)
+
+    saved = [b.detach().clone() for b in biases]
+    before = kl()
+    frozen = [p for p in q_model.parameters() if all(p is not b for b in biases)]
+    flags = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(biases, lr=lr)
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                x, target = cached[step % len(cached)]
+                loss = F.kl_div(F.log_softmax(q_model(x), 1), target, log_target=True, reduction="batchmean")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for p, f in zip(frozen, flags):
+            p.requires_grad_(f)
+    after = kl()
+    if not after < before:  # keep the better of the two
+        with torch.no_grad():
+            for b, s in zip(biases, saved):
+                b.copy_(s)
+        after = before
+    return before, after

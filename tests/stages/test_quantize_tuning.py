@@ -1,0 +1,70 @@
+"""BN re-estimation restores, on the calibration set, exactly the per-channel output statistics
+(mean beta, std |gamma|) computed by hand, without changing any integer code; bias tuning lowers
+the KL to the FP logits."""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deploypipe.stages.quantize.calibrate import init_ranges
+from deploypipe.stages.quantize.modules import QuantLayer, conv_bn_pairs, fold_batchnorm, quantizable_layers, wrap_layers
+from deploypipe.stages.quantize.quantizer import quantize_codes
+from deploypipe.stages.quantize.tuning import bn_affine, reestimate_bn, tune_biases
+from deploypipe.zoo import digits_cnn
+
+
+def quantized_digits_cnn(w_bits=3, a_bits=4):
+    torch.manual_seed(0)
+    fp = digits_cnn().eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in fp.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight[::3] *= -1  # some negative gammas
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    affine = bn_affine(fp, [list(p) for p in conv_bn_pairs(fp)])
+    fold_batchnorm(fp)
+    names = [n for n, _ in quantizable_layers(fp)]
+    q = wrap_layers(copy.deepcopy(fp), {n: {"w_bits": w_bits, "a_bits": a_bits} for n in names}).eval()
+    x = torch.rand(300, 1, 8, 8, generator=g)
+
+    def batches():
+        return (x[i:i + 64] for i in range(0, 300, 64))
+
+    init_ranges(fp, q, names, batches, "minmax", "minmax")
+    return fp, q, affine, x, batches
+
+
+def test_bn_reestimation_matches_hand_computed_statistics():
+    fp, q, affine, x, batches = quantized_digits_cnn()
+    codes = {n: quantize_codes(m.layer.weight, m.weight_scale, m.w_bits, axis=0)
+             for n, m in q.named_modules() if isinstance(m, QuantLayer)}
+    reestimate_bn(q, affine, batches)
+    for name, (gamma, beta) in affine.items():
+        outs = []
+        h = q.get_submodule(name).register_forward_hook(lambda _m, _i, o: outs.append(o.detach().clone()))
+        with torch.no_grad():
+            q(x)  # one pass over all images, statistics by hand
+        h.remove()
+        o = torch.cat(outs).double()
+        torch.testing.assert_close(o.mean((0, 2, 3)), beta.double(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(o.std((0, 2, 3), unbiased=False), gamma.abs().double(), atol=1e-4, rtol=1e-4)
+    for n, m in q.named_modules():  # the integer codes are untouched: the factor went into the scale
+        if isinstance(m, QuantLayer):
+            assert torch.equal(quantize_codes(m.layer.weight, m.weight_scale, m.w_bits, axis=0), codes[n])
+
+
+def test_bias_tuning_lowers_the_kl_to_fp_logits():
+    fp, q, _, x, batches = quantized_digits_cnn(w_bits=2, a_bits=3)
+    weights = {n: p.detach().clone() for n, p in q.named_parameters() if not n.endswith("bias")}
+    before, after = tune_biases(fp, q, batches, steps=200, lr=1e-2)
+    assert after < 0.9 * before
+    with torch.no_grad():
+        kl = F.kl_div(F.log_softmax(q(x), 1), F.log_softmax(fp(x), 1), log_target=True, reduction="batchmean")
+    assert abs(kl.item() - after) < 1e-4 * max(1.0, after) + 1e-6
+    assert all(torch.equal(p, weights[n]) for n, p in q.named_parameters() if n in weights)  # only biases moved
