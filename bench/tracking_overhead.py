@@ -54,7 +54,7 @@ def main() -> None:
     unbatched = time.perf_counter() - t0
     client.delete_run(probe.info.run_id)
 
-    table = Table(title="MLflow overhead of `deploypipe demo` (train + evaluate on digits, local sqlite store)")
+    table = Table(title="MLflow overhead of `deploypipe demo` (examples/demo.yaml on digits, local sqlite store)")
     for col in ("run", "wall s", "in MLflow calls s", "calls", "share of wall", "setup s", "setup share"):
         table.add_column(col, justify="right")
     for label, wall, s in rows:
