@@ -2,29 +2,36 @@
 initialise ranges on the calibration split, optionally run AdaQuant, and hand on a model that
 reloads exactly (transform record "quantize").
 
-Then, optionally, BN re-estimation and bias tuning. Not in this stage yet (see the quantize issue):
-the integer-program bit allocation wired to measured per-layer loss deltas, and ONNX Q/DQ export.
+With ``bit_candidates`` the weight precision of every layer but the first and last is chosen by
+the integer program from measured per-layer loss deltas, under a size budget (fraction of the FP32
+model) or a maximum total loss increase. Then, optionally, BN re-estimation and bias tuning.
+Not in this stage yet (see the quantize issue): BOPs / latency-table costs, the "keep FP16"
+candidate, budget sweeps with a Pareto plot, and ONNX Q/DQ export.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Literal, Optional
 
 import torch
 from matplotlib.figure import Figure
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from deploypipe.config import Schema
+from deploypipe.errors import InputError
 from deploypipe.evaluation import top1_and_loss
 from deploypipe.progress import log
 from deploypipe.stage import StageContext, StageResult, register
 
 from .adaquant import AdaQuantSettings
+from .bit_allocation import InfeasibleBudget, allocate_bits
 from .calibrate import adaquant_model, init_ranges
 from .modules import (TRANSFORM_MODULE, QuantLayer, conv_bn_pairs, fold_batchnorm, quantizable_layers, select_layers,
                       wrap_layers)
+from .mixed_precision import assemble, measure_deltas, weight_costs
 from .tuning import bn_affine, reestimate_bn, tune_biases
 
 
@@ -46,12 +53,26 @@ class QuantizeConfig(Schema):
     lr_bias: float = Field(1e-3, gt=0, description="AdaQuant learning rate of the biases")
     lr_weight_scale: float = Field(1e-3, gt=0, description="AdaQuant relative learning rate of the weight scales")
     lr_act_scale: float = Field(1e-2, gt=0, description="AdaQuant relative learning rate of the activation scale")
+    bit_candidates: Optional[list[int]] = Field(None, description="weight bits to choose from per layer by integer programming, e.g. [2, 3, 4, 8]")
+    budget: Optional[float] = Field(None, gt=0, le=1, description="with bit_candidates: model size as a fraction of FP32")
+    max_loss: Optional[float] = Field(None, ge=0, description="with bit_candidates: max total calibration-KL increase (minimise size)")
     bn_tuning: bool = Field(False, description="re-estimate the folded BN statistics on the quantized model")
     bias_tuning: bool = Field(False, description="train the biases towards the FP logits (KL) on the calibration set")
     bias_steps: int = Field(300, ge=1, description="bias-tuning steps")
     bias_lr: float = Field(1e-4, gt=0, description="bias-tuning learning rate (Adam)")
     calib_batch_size: int = Field(256, ge=1, description="images per forward pass while calibrating")
     cache_budget_mb: float = Field(1024, gt=0, description="memory for one layer's cached inputs+outputs (subsampled above it)")
+
+    @model_validator(mode="after")
+    def _mixed_precision(self) -> "QuantizeConfig":
+        if self.bit_candidates is not None:
+            if not self.bit_candidates or any(not 2 <= b <= 8 for b in self.bit_candidates):
+                raise ValueError("bit_candidates must be weight bit widths in 2..8, e.g. [2, 3, 4, 8]")
+            if (self.budget is None) == (self.max_loss is None):
+                raise ValueError("with bit_candidates give exactly one of budget or max_loss")
+        elif self.budget is not None or self.max_loss is not None:
+            raise ValueError("budget and max_loss need bit_candidates")
+        return self
 
 
 def size_bits(model: torch.nn.Module) -> int:
@@ -80,6 +101,46 @@ def _mse_plot(rows: list[dict]) -> Figure:
     return fig
 
 
+def _mixed_precision(ctx: StageContext, cfg: QuantizeConfig, fp, q, names: list[str], plan: dict, batches,
+                     metrics: dict):
+    """Measure delta-loss per (layer, bits), solve the integer program, assemble the chosen model."""
+    settings = (AdaQuantSettings(cfg.iters, cfg.batch_size, cfg.lr_weight, cfg.lr_bias, cfg.lr_weight_scale,
+                                 cfg.lr_act_scale) if cfg.method == "adaquant" else None)
+    candidates = sorted(set(cfg.bit_candidates))
+    dloss, layers = measure_deltas(fp, q, names, candidates, batches, cfg.weight_range, settings,
+                                   int(cfg.cache_budget_mb * 2**20), ctx.seed)
+    cost = weight_costs(fp, names, candidates)
+    fp_bits = size_bits(fp)
+    fixed = size_bits(q) - sum(cost[n][max(candidates)] for n in names)  # everything the program does not choose
+    try:
+        if cfg.budget is not None:
+            alloc = allocate_bits(dloss, cost, budget=cfg.budget * fp_bits - fixed)
+        else:
+            alloc = allocate_bits(dloss, cost, max_loss=cfg.max_loss)
+    except InfeasibleBudget as err:
+        if err.what == "budget":
+            smallest = (err.smallest + fixed) / fp_bits
+            raise InputError(f"quantize budget {cfg.budget} of the FP32 size is infeasible: the smallest feasible "
+                             f"budget with bit_candidates {candidates} is {math.ceil(smallest * 1e4) / 1e4}",
+                             f"raise --budget to at least {math.ceil(smallest * 1e4) / 1e4} or add lower bit candidates") from None
+        raise InputError(f"quantize max_loss {cfg.max_loss} is infeasible: the smallest achievable is {err.smallest:.6g}",
+                         f"raise --max-loss to at least {err.smallest:.6g}") from None
+    q = assemble(q, alloc, layers)
+    params = {n: fp.get_submodule(n).weight.numel() for n in names}
+    for n, bits in alloc.choice.items():
+        plan[n]["w_bits"] = bits
+    ctx.save_table("bit_allocation", [{"layer": n, "params": params[n], "bits": alloc.choice[n],
+                                       **{f"dloss_w{b}": dloss[n][b] for b in candidates},
+                                       "cost_bits": cost[n][alloc.choice[n]]} for n in names])
+    metrics.update({"ip_solve_seconds": alloc.solve_seconds, "ip_predicted_dloss": alloc.delta_loss,
+                    "ip_average_bits": alloc.cost / sum(params.values())})
+    metrics["mixed_top1"], metrics["mixed_test_loss"] = top1_and_loss(q, ctx.data.test, device=ctx.device)
+    metrics["test_top1"], metrics["test_loss"] = metrics["mixed_top1"], metrics["mixed_test_loss"]
+    log(f"[{ctx.stage_id}] mixed precision ({alloc.status}, {alloc.solve_seconds:.2f} s): "
+        f"{dict(alloc.choice)} -> {metrics['mixed_top1']:.4f}")
+    return q
+
+
 @register("quantize", help="Post-training quantization: BN folding, calibrated ranges, AdaQuant (W/A bits, first/last 8-bit)")
 def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
     device = ctx.device
@@ -94,8 +155,8 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
     plan = {}
     for n in chosen:
         bits = cfg.first_last_bits if (n in edge and cfg.first_last_bits) else None
-        plan[n] = {"w_bits": bits or cfg.weight_bits, "a_bits": (bits or cfg.act_bits) if cfg.act_bits else None,
-                   "a_signed": True}
+        w_bits = bits or (max(cfg.bit_candidates) if cfg.bit_candidates else cfg.weight_bits)
+        plan[n] = {"w_bits": w_bits, "a_bits": (bits or cfg.act_bits) if cfg.act_bits else None, "a_signed": True}
     if cfg.unsigned_activations:  # inputs that are never negative (after ReLU) get the unsigned grid
         for n in chosen:
             x = next(iter(ctx.data.calib.batches(cfg.calib_batch_size)))[0].to(device)
@@ -128,6 +189,8 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
         ctx.save_figure(_mse_plot(rows), "layer_mse")
     metrics["test_top1"] = metrics.get("adaquant_top1", rtn_top1)
     metrics["test_loss"] = metrics.get("adaquant_test_loss", rtn_loss)
+    if cfg.bit_candidates:
+        q = _mixed_precision(ctx, cfg, fp, q, [n for n in chosen if n not in edge], plan, batches, metrics)
     if cfg.bn_tuning:
         ctx.save_table("bn_reestimation", reestimate_bn(q, affine, batches))
         metrics["test_top1"], metrics["test_loss"] = metrics["bn_top1"], metrics["bn_test_loss"] = \

@@ -76,3 +76,30 @@ def test_capture_is_not_changed_by_inplace_ops_downstream():
     _, y = capture(model, "0", lambda: [x])
     torch.testing.assert_close(y, model[0](x))  # the pre-ReLU output, negatives included
     assert (y < 0).any()
+
+
+@pytest.mark.parametrize("method", ["rtn", "adaquant"])
+def test_mixed_precision_is_optimal_for_the_measured_deltas_and_reports_infeasible_budgets(workdir, method):
+    import itertools
+    import math
+
+    from deploypipe.errors import InputError
+
+    quant = {"act_bits": 8, "method": method, "iters": 30, "bit_candidates": [2, 4, 8], "budget": 0.12}
+    pipe = Pipeline(config(quant), workdir, show_progress=False)
+    m = pipe.run().stages[1].metrics
+    assert m["size_fraction_of_fp32"] <= 0.12 + 1e-9
+    rows = list(csv.DictReader(open(workdir / "q" / "quantize" / "bit_allocation.csv")))
+    fp_bits, q_bits = 8 * m["fp32_bytes"], 8 * m["quantized_bytes"]
+    fixed = q_bits - sum(float(r["cost_bits"]) for r in rows)
+    best = min((sum(float(r[f"dloss_w{b}"]) for r, b in zip(rows, combo)), combo)
+               for combo in itertools.product([2, 4, 8], repeat=len(rows))
+               if sum(b * int(r["params"]) for r, b in zip(rows, combo)) <= 0.12 * fp_bits - fixed)
+    chosen = sum(float(r[f"dloss_w{r['bits']}"]) for r in rows)
+    assert chosen == pytest.approx(best[0], abs=1e-9)  # the program's choice is the brute-force optimum
+    model = load_model(workdir / "q" / "quantize" / "model")
+    assert [model.get_submodule(r["layer"]).w_bits for r in rows] == [int(r["bits"]) for r in rows]
+    smallest = (fixed + sum(2 * int(r["params"]) for r in rows)) / fp_bits
+    with pytest.raises(InputError, match=f"smallest feasible budget .* is {math.ceil(smallest * 1e4) / 1e4}"):
+        Pipeline(config({**quant, "budget": 0.03}), workdir, out_dir=workdir / "tight", show_progress=False).run()
+    assert not (workdir / "tight" / "quantize").exists()
