@@ -107,24 +107,24 @@ def _mixed_precision(ctx: StageContext, cfg: QuantizeConfig, fp, q, names: list[
     settings = (AdaQuantSettings(cfg.iters, cfg.batch_size, cfg.lr_weight, cfg.lr_bias, cfg.lr_weight_scale,
                                  cfg.lr_act_scale) if cfg.method == "adaquant" else None)
     candidates = sorted(set(cfg.bit_candidates))
-    dloss, layers = measure_deltas(fp, q, names, candidates, batches, cfg.weight_range, settings,
-                                   int(cfg.cache_budget_mb * 2**20), ctx.seed)
     cost = weight_costs(fp, names, candidates)
     fp_bits = size_bits(fp)
     fixed = size_bits(q) - sum(cost[n][max(candidates)] for n in names)  # everything the program does not choose
+    smallest = math.ceil((fixed + sum(min(c.values()) for c in cost.values())) / fp_bits * 1e4) / 1e4
+    if cfg.budget is not None and cfg.budget < smallest:  # known before measuring anything
+        raise InputError(f"quantize budget {cfg.budget} of the FP32 size is infeasible: the smallest feasible "
+                         f"budget with bit_candidates {candidates} is {smallest}",
+                         f"raise --budget to at least {smallest} or add lower bit candidates")
+    dloss, layers = measure_deltas(fp, q, names, candidates, batches, cfg.weight_range, settings,
+                                   int(cfg.cache_budget_mb * 2**20), ctx.seed)
     try:
         if cfg.budget is not None:
             alloc = allocate_bits(dloss, cost, budget=cfg.budget * fp_bits - fixed)
         else:
             alloc = allocate_bits(dloss, cost, max_loss=cfg.max_loss)
     except InfeasibleBudget as err:
-        if err.what == "budget":
-            smallest = (err.smallest + fixed) / fp_bits
-            raise InputError(f"quantize budget {cfg.budget} of the FP32 size is infeasible: the smallest feasible "
-                             f"budget with bit_candidates {candidates} is {math.ceil(smallest * 1e4) / 1e4}",
-                             f"raise --budget to at least {math.ceil(smallest * 1e4) / 1e4} or add lower bit candidates") from None
-        raise InputError(f"quantize max_loss {cfg.max_loss} is infeasible: the smallest achievable is {err.smallest:.6g}",
-                         f"raise --max-loss to at least {err.smallest:.6g}") from None
+        raise InputError(f"quantize {err.what} is infeasible: the smallest achievable is {err.smallest:.6g}",
+                         f"raise --{err.what.replace('_', '-')} to at least {err.smallest:.6g}") from None
     q = assemble(q, alloc, layers)
     params = {n: fp.get_submodule(n).weight.numel() for n in names}
     for n, bits in alloc.choice.items():
