@@ -88,7 +88,7 @@ def capture(model: nn.Module, module_name: str, batches: Callable[[], Iterable[t
     return torch.cat(xs), (torch.cat(ys) if want_output else None)
 
 
-def _fit_budget(x: torch.Tensor, y: torch.Tensor, budget_bytes: int, name: str, stats: CacheStats,
+def fit_budget(x: torch.Tensor, y: torch.Tensor, budget_bytes: int, name: str, stats: CacheStats,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     per_sample = (x[0].numel() * x.element_size()) + (y[0].numel() * y.element_size())
     keep = max(1, min(len(x), budget_bytes // max(per_sample, 1)))
@@ -134,7 +134,7 @@ def adaquant_model(fp_model: nn.Module, q_model: nn.Module, names: list[str],
         relu = name in relus
         if relu:
             y = F.relu(y)
-        x, y = _fit_budget(x, y, cache_budget_bytes, name, stats, g)
+        x, y = fit_budget(x, y, cache_budget_bytes, name, stats, g)
         res = adaquant_layer(q, x, y, relu=relu, settings=settings, generator=g)
         rows.append({"layer": name, "w_bits": q.w_bits, "a_bits": q.a_bits, "relu_target": relu,
                      "samples": len(x), "mse_rtn": res.mse_rtn, "mse_adaquant": res.mse_adaquant,

@@ -21,8 +21,8 @@ from torch import nn
 
 from .adaquant import AdaQuantSettings, adaquant_layer
 from .bit_allocation import Allocation
-from .calibrate import capture, relu_followers
-from .modules import QuantLayer, _set
+from .calibrate import CacheStats, capture, fit_budget, relu_followers
+from .modules import QuantLayer, replace_module
 from .quantizer import RANGE_METHODS
 
 @torch.no_grad()
@@ -52,6 +52,7 @@ def measure_deltas(fp: nn.Module, q_base: nn.Module, names: list[str], candidate
     base_loss = calibration_kl(fp, q_base, batches)
     relus = relu_followers(fp)
     g = torch.Generator().manual_seed(seed)
+    stats = CacheStats()
     dloss: dict[str, dict[int, float]] = {}
     layers: dict[tuple[str, int], nn.Module] = {}
     for name in names:
@@ -66,16 +67,11 @@ def measure_deltas(fp: nn.Module, q_base: nn.Module, names: list[str], candidate
             if settings is not None:
                 if x is None:  # cached once per layer, reused for every precision
                     x, y = capture(fp, name, batches)
-                    if name in relus:
-                        y = F.relu(y)
-                    keep = max(1, min(len(x), cache_budget_bytes // max(1, (x[0].numel() + y[0].numel()) * 4)))
-                    if keep < len(x):
-                        idx = torch.randperm(len(x), generator=g)[:keep]
-                        x, y = x[idx], y[idx]
+                    x, y = fit_budget(x, F.relu(y) if name in relus else y, cache_budget_bytes, name, stats, g)
                 adaquant_layer(cand, x, y, relu=name in relus, settings=settings, generator=g)
-            _set(q_base, name, cand)
+            replace_module(q_base, name, cand)
             dloss[name][bits] = calibration_kl(fp, q_base, batches) - base_loss
-            _set(q_base, name, base)
+            replace_module(q_base, name, base)
             layers[name, bits] = cand
     return dloss, layers
 
@@ -88,7 +84,7 @@ def assemble(q_base: nn.Module, allocation: Allocation, layers: dict) -> nn.Modu
     """A copy of the base model with each layer at its chosen precision."""
     model = copy.deepcopy(q_base)
     for name, bits in allocation.choice.items():
-        _set(model, name, copy.deepcopy(layers[name, bits]))
+        replace_module(model, name, copy.deepcopy(layers[name, bits]))
     return model
 
 

@@ -79,7 +79,7 @@ def _get(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
@@ -110,7 +110,7 @@ def _prepare_folded(model: nn.Module, pairs: list[list[str]]) -> None:
         conv = _get(model, conv_name)
         if conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device))
-        _set(model, bn_name, nn.Identity())
+        replace_module(model, bn_name, nn.Identity())
 
 
 @torch.no_grad()
@@ -125,7 +125,7 @@ def fold_batchnorm(model: nn.Module) -> list[list[str]]:
         new_bias = (bias - bn.running_mean) * factor + bn.bias
         conv.weight.mul_(factor.view(-1, 1, 1, 1))
         conv.bias = nn.Parameter(new_bias)
-        _set(model, bn_name, nn.Identity())
+        replace_module(model, bn_name, nn.Identity())
     return pairs
 
 
@@ -133,7 +133,7 @@ def fold_batchnorm(model: nn.Module) -> list[list[str]]:
 def wrap_layers(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
     """Replace each named layer by a QuantLayer with its bits ({name: {w_bits, a_bits, a_signed}})."""
     for name, bits in plan.items():
-        _set(model, name, QuantLayer(_get(model, name), bits.get("w_bits"), bits.get("a_bits"), bits.get("a_signed", True)))
+        replace_module(model, name, QuantLayer(_get(model, name), bits.get("w_bits"), bits.get("a_bits"), bits.get("a_signed", True)))
     return model
 
 
