@@ -103,3 +103,23 @@ def test_mixed_precision_is_optimal_for_the_measured_deltas_and_reports_infeasib
     with pytest.raises(InputError, match=f"smallest feasible budget .* is {math.ceil(smallest * 1e4) / 1e4}"):
         Pipeline(config({**quant, "budget": 0.03}), workdir, out_dir=workdir / "tight", show_progress=False).run()
     assert not (workdir / "tight" / "quantize").exists()
+
+
+def test_transformer_encoder_quantizes_end_to_end(workdir):
+    """A small ViT (pre-norm encoder blocks of nn.Linear) through train -> quantize: every Linear and
+    the patch embedding are quantized, AdaQuant runs on them, and the result reloads exactly."""
+    vit = {"spec": "zoo:vit_tiny", "kwargs": {"patch": 4, "dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64}}
+    cfg = validate(PipelineConfig, {
+        "name": "vit", "model": vit, "data": {"source": "digits", "calib_size": 128},
+        "stages": [{"train": {"epochs": 3, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.05}},
+                   {"quantize": {"weight_bits": 4, "act_bits": 8, "iters": 40, "lr_weight": 1e-4}}]}, "test")
+    pipe = Pipeline(cfg, workdir, show_progress=False)
+    m = pipe.run().stages[1].metrics
+    model = load_model(workdir / "vit" / "quantize" / "model")
+    qlayers = [n for n, mod in model.named_modules() if isinstance(mod, QuantLayer)]
+    assert qlayers[0] == "patch_embed" and qlayers[-1] == "head" and len(qlayers) == 1 + 2 * 4 + 1
+    assert all(model.get_submodule(n).w_bits == 4 for n in qlayers[1:-1])
+    rows = list(csv.DictReader(open(workdir / "vit" / "quantize" / "layers.csv")))
+    assert all(float(r["mse_adaquant"]) <= float(r["mse_rtn"]) for r in rows)
+    assert top1_and_loss(model, pipe.data.test)[0] == pytest.approx(m["test_top1"])
+    assert m["test_top1"] >= m["fp_top1"] - 0.05
