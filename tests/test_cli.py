@@ -57,7 +57,8 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     assert {"per_class.csv", "confusion.png", "config.yaml"} <= artifact_names(client, ev.info.run_id)
     # evaluate makes no model; it names the checkpoint it measured (the quantized one), which resolves in MLflow
     qrun = runs["quantize"]
-    assert {"model", "layers.csv", "layer_mse.png"} <= artifact_names(client, qrun.info.run_id)
+    assert {"model", "layers.csv", "layer_mse.png", "model.onnx"} <= artifact_names(client, qrun.info.run_id)
+    assert quantize["metrics"]["onnx_top1_agreement"] >= 0.99
     assert ev.data.tags["deploypipe.input_model_uri"] == f"runs:/{qrun.info.run_id}/model"
     # artifacts live next to the store, not in ./mlruns; outputs in <workdir>/<pipeline>/<stage>
     assert (tmp_path / "store" / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()

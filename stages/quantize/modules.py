@@ -24,7 +24,7 @@ from torch import nn
 
 from deploypipe.models import register_transform
 
-from .quantizer import fake_quant, minmax_scale
+from .quantizer import fake_quant, minmax_scale, qrange
 
 Quantizable = Union[nn.Conv2d, nn.Linear]
 
@@ -55,7 +55,30 @@ class QuantLayer(nn.Module):
         return F.linear(x, w, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self._export_forward(x)
         return self.forward_with(x, self.layer.weight, self.layer.bias, self.weight_scale, self.act_scale)
+
+    def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same arithmetic written with ops the ONNX exporter turns into QuantizeLinear /
+        DequantizeLinear (symmetric, zero point 0, INT8 containers). A grid below 8 bits uses the
+        INT8 grid with the same scale: weights are already on it (exact); activations get an explicit
+        Clip to the narrower range first (exact too)."""
+        if self.a_bits:
+            s = float(self.act_scale)
+            qmin, qmax = qrange(self.a_bits, self.a_signed)
+            lo, hi = (-128, 127) if self.a_signed else (0, 255)
+            if (qmin, qmax) != (lo, hi):  # narrower grid (or symmetric -127): clip to it first
+                x = torch.clamp(x, qmin * s, qmax * s)
+            x = torch.fake_quantize_per_tensor_affine(x, s, 0, lo, hi)
+        w = self.layer.weight
+        if self.w_bits:
+            zero = torch.zeros(w.shape[0], dtype=torch.int32)
+            w = torch.fake_quantize_per_channel_affine(self.quantized_weight().detach(), self.weight_scale.detach(),
+                                                       zero, 0, -128, 127)
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, w, self.layer.bias)
+        return F.linear(x, w, self.layer.bias)
 
     def extra_repr(self) -> str:
         return f"w_bits={self.w_bits}, a_bits={self.a_bits}, a_signed={self.a_signed}"

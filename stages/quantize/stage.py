@@ -5,8 +5,10 @@ reloads exactly (transform record "quantize").
 With ``bit_candidates`` the weight precision of every layer but the first and last is chosen by
 the integer program from measured per-layer loss deltas, under a size budget (fraction of the FP32
 model) or a maximum total loss increase. Then, optionally, BN re-estimation and bias tuning.
+Finally the model is exported as ONNX with QuantizeLinear/DequantizeLinear (``model.onnx``) and
+checked in ONNX Runtime against the PyTorch model on the test split.
 Not in this stage yet (see the quantize issue): BOPs / latency-table costs, the "keep FP16"
-candidate, budget sweeps with a Pareto plot, and ONNX Q/DQ export.
+candidate, budget sweeps with a Pareto plot, Q/DQ on residual adds.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .calibrate import adaquant_model, init_ranges
 from .modules import (TRANSFORM_MODULE, QuantLayer, conv_bn_pairs, fold_batchnorm, quantizable_layers, select_layers,
                       wrap_layers)
 from .mixed_precision import assemble, measure_deltas, weight_costs
+from .onnx_export import export_onnx, onnx_parity
 from .tuning import bn_affine, reestimate_bn, tune_biases
 
 
@@ -60,6 +63,7 @@ class QuantizeConfig(Schema):
     bias_tuning: bool = Field(False, description="train the biases towards the FP logits (KL) on the calibration set")
     bias_steps: int = Field(300, ge=1, description="bias-tuning steps")
     bias_lr: float = Field(1e-4, gt=0, description="bias-tuning learning rate (Adam)")
+    export_onnx: bool = Field(True, description="write model.onnx (Q/DQ) and check it in ONNX Runtime on the test split")
     calib_batch_size: int = Field(256, ge=1, description="images per forward pass while calibrating")
     cache_budget_mb: float = Field(1024, gt=0, description="memory for one layer's cached inputs+outputs (subsampled above it)")
 
@@ -205,6 +209,12 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
             top1_and_loss(q, ctx.data.test, device=device)
         log(f"[{ctx.stage_id}] + bias tuning: {metrics['bias_top1']:.4f}")
     metrics["calibration_seconds"] = time.perf_counter() - t0
+    if cfg.export_onnx:
+        path = export_onnx(q, ctx.data.input_shape, ctx.out_dir / "model.onnx")
+        metrics.update(onnx_parity(q, path, ctx.data.test))
+        log(f"[{ctx.stage_id}] ONNX Q/DQ export: top-1 agreement with ONNX Runtime "
+            f"{metrics['onnx_top1_agreement']:.4f}, max logit diff {metrics['onnx_max_abs_logit_diff']:.2e}")
+        q.to(device)
     fp_bits, q_bits = size_bits(fp), size_bits(q)
     metrics.update({"fp32_bytes": fp_bits / 8, "quantized_bytes": q_bits / 8, "size_fraction_of_fp32": q_bits / fp_bits})
     params = {n: q.get_submodule(n).layer.weight.numel() for n in chosen}

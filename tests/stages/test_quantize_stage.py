@@ -50,6 +50,7 @@ def test_quantize_stage_end_to_end(workdir, mode):
     assert [r["layer"] for r in rows] == names
     assert all(float(r["mse_adaquant"]) <= float(r["mse_rtn"]) for r in rows)
     assert (workdir / "q" / "quantize" / "layer_mse.png").is_file()
+    assert (workdir / "q" / "quantize" / "model.onnx").is_file() and m["onnx_top1_agreement"] >= 0.99
 
 
 def test_quantize_command_on_a_saved_model(tmp_path):
