@@ -194,7 +194,8 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
     metrics["test_top1"] = metrics.get("adaquant_top1", rtn_top1)
     metrics["test_loss"] = metrics.get("adaquant_test_loss", rtn_loss)
     if cfg.bit_candidates:
-        q = _mixed_precision(ctx, cfg, fp, q, [n for n in chosen if n not in edge], plan, batches, metrics)
+        free = [n for n in chosen if n not in edge or not cfg.first_last_bits]  # layers the program chooses for
+        q = _mixed_precision(ctx, cfg, fp, q, free, plan, batches, metrics)
     if cfg.bn_tuning:
         ctx.save_table("bn_reestimation", reestimate_bn(q, affine, batches))
         metrics["test_top1"], metrics["test_loss"] = metrics["bn_top1"], metrics["bn_test_loss"] = \
@@ -219,8 +220,10 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
     metrics.update({"fp32_bytes": fp_bits / 8, "quantized_bytes": q_bits / 8, "size_fraction_of_fp32": q_bits / fp_bits})
     params = {n: q.get_submodule(n).layer.weight.numel() for n in chosen}
     by_layer = {r["layer"]: r for r in rows}
+    # AdaQuant's errors are for the bits it ran at (with bit_candidates: the highest candidate)
     ctx.save_table("layers", [{"layer": n, "params": params[n], **plan[n],
-                               **{k: v for k, v in by_layer.get(n, {}).items() if k not in ("layer", "w_bits", "a_bits")}}
+                               **{("adaquant_w_bits" if k == "w_bits" else k): v for k, v in by_layer.get(n, {}).items()
+                                  if k not in ("layer", "a_bits")}}
                               for n in chosen])
     record = ctx.record.with_transform("quantize", TRANSFORM_MODULE, {"folded": folded, "layers": plan})
     return StageResult(model=q.cpu(), record=record, metrics=metrics)
