@@ -59,6 +59,7 @@ class QuantizeConfig(Schema):
     bit_candidates: Optional[list[int]] = Field(None, description="weight bits to choose from per layer by integer programming, e.g. [2, 3, 4, 8]")
     budget: Optional[float] = Field(None, gt=0, le=1, description="with bit_candidates: model size as a fraction of FP32")
     max_loss: Optional[float] = Field(None, ge=0, description="with bit_candidates: max total calibration-KL increase (minimise size)")
+    sweep: list[float] = Field([], description="with bit_candidates: more size budgets to solve and evaluate (pareto.csv, pareto.png)")
     bn_tuning: bool = Field(False, description="re-estimate the folded BN statistics on the quantized model")
     bias_tuning: bool = Field(False, description="train the biases towards the FP logits (KL) on the calibration set")
     bias_steps: int = Field(300, ge=1, description="bias-tuning steps")
@@ -74,8 +75,10 @@ class QuantizeConfig(Schema):
                 raise ValueError("bit_candidates must be weight bit widths in 2..8, e.g. [2, 3, 4, 8]")
             if (self.budget is None) == (self.max_loss is None):
                 raise ValueError("with bit_candidates give exactly one of budget or max_loss")
-        elif self.budget is not None or self.max_loss is not None:
-            raise ValueError("budget and max_loss need bit_candidates")
+        elif self.budget is not None or self.max_loss is not None or self.sweep:
+            raise ValueError("budget, max_loss and sweep need bit_candidates")
+        if any(not 0 < b <= 1 for b in self.sweep):
+            raise ValueError("sweep budgets are fractions of the FP32 size in (0, 1]")
         return self
 
 
@@ -129,6 +132,8 @@ def _mixed_precision(ctx: StageContext, cfg: QuantizeConfig, fp, q, names: list[
     except InfeasibleBudget as err:
         raise InputError(f"quantize {err.what} is infeasible: the smallest achievable is {err.smallest:.6g}",
                          f"raise --{err.what.replace('_', '-')} to at least {err.smallest:.6g}") from None
+    if cfg.sweep:
+        _sweep(ctx, cfg, fp, q, dloss, cost, layers, fp_bits, fixed, smallest, cfg.budget or size_bits(assemble(q, alloc, layers)) / fp_bits)
     q = assemble(q, alloc, layers)
     params = {n: fp.get_submodule(n).weight.numel() for n in names}
     for n, bits in alloc.choice.items():
@@ -143,6 +148,33 @@ def _mixed_precision(ctx: StageContext, cfg: QuantizeConfig, fp, q, names: list[
     log(f"[{ctx.stage_id}] mixed precision ({alloc.status}, {alloc.solve_seconds:.2f} s): "
         f"{dict(alloc.choice)} -> {metrics['mixed_top1']:.4f}")
     return q
+
+
+def _sweep(ctx: StageContext, cfg: QuantizeConfig, fp, q, dloss: dict, cost: dict, layers: dict, fp_bits: float,
+           fixed: float, smallest: float, chosen_fraction: float) -> None:
+    """Solve and evaluate every sweep budget on the measured deltas: the size / accuracy front."""
+    rows = []
+    for budget in sorted(set(cfg.sweep)):
+        if budget < smallest:
+            log(f"[{ctx.stage_id}] sweep: budget {budget} is below the smallest feasible {smallest}; skipped")
+            continue
+        alloc = allocate_bits(dloss, cost, budget=budget * fp_bits - fixed)
+        model = assemble(q, alloc, layers)
+        top1, loss = top1_and_loss(model, ctx.data.test, device=ctx.device)
+        rows.append({"budget": budget, "size_fraction_of_fp32": size_bits(model) / fp_bits,
+                     "predicted_dloss": alloc.delta_loss, "test_top1": top1, "test_loss": loss,
+                     "bits": " ".join(str(alloc.choice[n]) for n in dloss)})
+    ctx.save_table("pareto", rows)
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.plot([r["size_fraction_of_fp32"] for r in rows], [100 * r["test_top1"] for r in rows], "o-", label="IP solutions")
+    fp_top1 = top1_and_loss(fp, ctx.data.test, device=ctx.device)[0]
+    ax.axhline(100 * fp_top1, color="gray", linestyle="--", label="FP32")
+    ax.axvline(chosen_fraction, color="tab:red", alpha=0.4, label="chosen budget")
+    ax.set(xlabel="model size / FP32 size", ylabel="test top-1 (%)", title="mixed precision: size vs accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ctx.save_figure(fig, "pareto")
 
 
 @register("quantize", help="Post-training quantization: BN folding, calibrated ranges, AdaQuant (W/A bits, first/last 8-bit)")

@@ -87,8 +87,16 @@ def test_mixed_precision_is_optimal_for_the_measured_deltas_and_reports_infeasib
     from deploypipe.errors import InputError
 
     quant = {"act_bits": 8, "method": method, "iters": 30, "bit_candidates": [2, 4, 8], "budget": 0.12}
-    pipe = Pipeline(config(quant), workdir, show_progress=False)
+    pipe = Pipeline(config({**quant, "sweep": [0.2, 0.09, 0.12, 0.01]}), workdir, show_progress=False)
     m = pipe.run().stages[1].metrics
+    front = list(csv.DictReader(open(workdir / "q" / "quantize" / "pareto.csv")))
+    assert [float(r["budget"]) for r in front] == [0.09, 0.12, 0.2]  # 0.01 is infeasible: skipped
+    assert all(float(r["size_fraction_of_fp32"]) <= float(r["budget"]) + 1e-9 for r in front)
+    predicted = [float(r["predicted_dloss"]) for r in front]
+    assert predicted == sorted(predicted, reverse=True)  # a larger budget never has a worse optimum
+    assert (workdir / "q" / "quantize" / "pareto.png").is_file()
+    same = next(r for r in front if float(r["budget"]) == 0.12)  # the sweep point at the chosen budget is the output
+    assert float(same["test_top1"]) == pytest.approx(m["test_top1"])
     assert m["size_fraction_of_fp32"] <= 0.12 + 1e-9
     rows = list(csv.DictReader(open(workdir / "q" / "quantize" / "bit_allocation.csv")))
     fp_bits, q_bits = 8 * m["fp32_bytes"], 8 * m["quantized_bytes"]
