@@ -68,6 +68,10 @@ class QuantizeConfig(Schema):
     calib_batch_size: int = Field(256, ge=1, description="images per forward pass while calibrating")
     cache_budget_mb: float = Field(1024, gt=0, description="memory for one layer's cached inputs+outputs (subsampled above it)")
 
+    def adaquant_settings(self) -> AdaQuantSettings:
+        return AdaQuantSettings(self.iters, self.batch_size, self.lr_weight, self.lr_bias, self.lr_weight_scale,
+                                self.lr_act_scale)
+
     @model_validator(mode="after")
     def _mixed_precision(self) -> "QuantizeConfig":
         if self.bit_candidates is not None:
@@ -111,8 +115,7 @@ def _mse_plot(rows: list[dict]) -> Figure:
 def _mixed_precision(ctx: StageContext, cfg: QuantizeConfig, fp, q, names: list[str], plan: dict, batches,
                      metrics: dict):
     """Measure delta-loss per (layer, bits), solve the integer program, assemble the chosen model."""
-    settings = (AdaQuantSettings(cfg.iters, cfg.batch_size, cfg.lr_weight, cfg.lr_bias, cfg.lr_weight_scale,
-                                 cfg.lr_act_scale) if cfg.method == "adaquant" else None)
+    settings = cfg.adaquant_settings() if cfg.method == "adaquant" else None
     candidates = sorted(set(cfg.bit_candidates))
     cost = weight_costs(fp, names, candidates)
     fp_bits = size_bits(fp)
@@ -132,9 +135,9 @@ def _mixed_precision(ctx: StageContext, cfg: QuantizeConfig, fp, q, names: list[
     except InfeasibleBudget as err:
         raise InputError(f"quantize {err.what} is infeasible: the smallest achievable is {err.smallest:.6g}",
                          f"raise --{err.what.replace('_', '-')} to at least {err.smallest:.6g}") from None
+    base, q = q, assemble(q, alloc, layers)
     if cfg.sweep:
-        _sweep(ctx, cfg, fp, q, dloss, cost, layers, fp_bits, fixed, smallest, cfg.budget or size_bits(assemble(q, alloc, layers)) / fp_bits)
-    q = assemble(q, alloc, layers)
+        _sweep(ctx, cfg, fp, base, dloss, cost, layers, fp_bits, fixed, smallest, size_bits(q) / fp_bits)
     params = {n: fp.get_submodule(n).weight.numel() for n in names}
     for n, bits in alloc.choice.items():
         plan[n]["w_bits"] = bits
@@ -194,14 +197,15 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
         w_bits = bits or (max(cfg.bit_candidates) if cfg.bit_candidates else cfg.weight_bits)
         plan[n] = {"w_bits": w_bits, "a_bits": (bits or cfg.act_bits) if cfg.act_bits else None, "a_signed": True}
     if cfg.unsigned_activations:  # inputs that are never negative (after ReLU) get the unsigned grid
-        for n in chosen:
-            x = next(iter(ctx.data.calib.batches(cfg.calib_batch_size)))[0].to(device)
-            seen = []
-            h = fp.get_submodule(n).register_forward_hook(lambda _m, i, _o: seen.append(bool((i[0] >= 0).all())))
-            with torch.no_grad():
-                fp(x)
+        nonneg: dict[str, bool] = {}
+        hooks = [fp.get_submodule(n).register_forward_hook(
+            lambda _m, i, _o, n=n: nonneg.__setitem__(n, bool((i[0] >= 0).all()))) for n in chosen]
+        with torch.no_grad():
+            fp(next(iter(ctx.data.calib.batches(cfg.calib_batch_size)))[0].to(device))
+        for h in hooks:
             h.remove()
-            plan[n]["a_signed"] = not all(seen)
+        for n in chosen:
+            plan[n]["a_signed"] = not nonneg[n]
     q = wrap_layers(copy.deepcopy(fp), plan).to(device).eval()
 
     def batches():
@@ -215,8 +219,7 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
     metrics = {"fp_top1": fp_top1, "rtn_top1": rtn_top1, "fp_test_loss": fp_loss, "rtn_test_loss": rtn_loss}
     rows = []
     if cfg.method == "adaquant":
-        settings = AdaQuantSettings(cfg.iters, cfg.batch_size, cfg.lr_weight, cfg.lr_bias, cfg.lr_weight_scale, cfg.lr_act_scale)
-        rows, stats = adaquant_model(fp, q, chosen, batches, cfg.mode, settings, int(cfg.cache_budget_mb * 2**20),
+        rows, stats = adaquant_model(fp, q, chosen, batches, cfg.mode, cfg.adaquant_settings(), int(cfg.cache_budget_mb * 2**20),
                                      ctx.seed, ctx.show_progress)
         metrics["adaquant_top1"], metrics["adaquant_test_loss"] = top1_and_loss(q, ctx.data.test, device=device)
         metrics["cache_peak_mb"] = stats.peak_bytes / 2**20

@@ -132,3 +132,11 @@ def test_transformer_encoder_quantizes_end_to_end(workdir):
     assert all(float(r["mse_adaquant"]) <= float(r["mse_rtn"]) for r in rows)
     assert top1_and_loss(model, pipe.data.test)[0] == pytest.approx(m["test_top1"])
     assert m["test_top1"] >= m["fp_top1"] - 0.05
+
+
+def test_unsigned_grids_only_where_inputs_are_never_negative(workdir):
+    cfg = config({"method": "rtn", "unsigned_activations": True, "export_onnx": False})
+    Pipeline(cfg, workdir, show_progress=False).run()
+    rows = {r["layer"]: r["a_signed"] for r in csv.DictReader(open(workdir / "q" / "quantize" / "layers.csv"))}
+    # digits_cnn: the first conv sees normalised (signed) pixels; every later layer follows a ReLU
+    assert rows == {"1": "True", "4": "False", "8": "False", "13": "False"}
