@@ -240,11 +240,30 @@ def ui_cmd(workdir: Path, host: str, port: int) -> None:
 
 
 # --------------------------------------------------------------------------- one command per stage
+NULL = object()  # "--act-bits null": an explicit None, unlike an option not given
+
+
+class _Nullable(click.ParamType):
+    """An optional value: 'null' (or 'none') gives None, anything else the inner type."""
+
+    def __init__(self, inner: Any):
+        self.inner = click.types.convert_type(inner)
+        self.name = f"{self.inner.name}|null"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("null", "none"):
+            return NULL
+        return self.inner.convert(value, param, ctx)
+
+
 def _click_type(ann: Any) -> tuple[Any, bool]:
     """(click type, is_flag) for a pydantic field annotation."""
     origin, args = typing.get_origin(ann), typing.get_args(ann)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and type(None) in args:
+            ctype, flag = _click_type(inner[0])
+            return (ctype, flag) if flag or _structured(inner[0]) else (_Nullable(ctype), False)
         return _click_type(inner[0]) if len(inner) == 1 else (str, False)
     if origin is typing.Literal:
         return click.Choice([str(a) for a in args]), False
@@ -312,7 +331,9 @@ def _stage_command(name: str, schema: type, help_text: str) -> click.Command:
         out, force = kw.pop("out"), kw.pop("force")
         stage_cfg = {}
         for k, v in kw.items():
-            if v is not None:
+            if v is NULL:
+                stage_cfg[k] = None
+            elif v is not None:
                 stage_cfg[k] = _parse_structured(v, schema.model_fields[k].annotation, k)
         cfg = validate(PipelineConfig, {"name": name, "model": model, "data": data, "stages": [{name: stage_cfg}]},
                        f"deploypipe {name}")

@@ -33,6 +33,22 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def storage_bytes(model: nn.Module) -> float:
+    """Bytes the model needs when deployed: a submodule that knows its own storage (a method
+    ``storage_bits()``, e.g. a quantized layer whose weights ship at 4 bits) counts that, every other
+    parameter and buffer counts at its dtype's size."""
+    counted: set[int] = set()
+    bits = 0
+    for m in model.modules():
+        if hasattr(m, "storage_bits") and not any(id(t) in counted for t in m.parameters()):
+            bits += m.storage_bits()
+            counted.update(id(t) for t in m.parameters())
+            counted.update(id(t) for t in m.buffers())
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in counted}
+    bits += sum(8 * t.numel() * t.element_size() for t in tensors.values())
+    return bits / 8
+
+
 def state_bytes(model: nn.Module) -> int:
     """Bytes of the state dict's tensors as stored (parameters and buffers)."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())

@@ -7,7 +7,7 @@ from matplotlib.figure import Figure
 from pydantic import Field
 
 from deploypipe.config import Schema
-from deploypipe.evaluation import latency_ms, parameter_count, state_bytes
+from deploypipe.evaluation import latency_ms, parameter_count, state_bytes, storage_bytes
 from deploypipe.stage import StageContext, StageResult, register
 
 
@@ -54,7 +54,8 @@ def run(ctx: StageContext, cfg: EvaluateConfig) -> StageResult:
         torch.set_num_threads(threads)
         model.to(ctx.device)
     metrics = {"test_top1": float((pred == test.labels).float().mean()), "test_loss": loss,
-               "parameters": float(parameter_count(model)), "size_bytes": float(state_bytes(model)),
+               "parameters": float(parameter_count(model)), "size_bytes": float(storage_bytes(model)),
+               "state_dict_bytes": float(state_bytes(model)),
                "latency_ms_median": lat["median"], "latency_ms_p90": lat["p90"],
                "latency_batch_size": float(cfg.latency_batch_size), "test_images": float(len(test))}
     return StageResult(metrics=metrics)

@@ -24,7 +24,8 @@ from deploypipe.progress import progress
 
 from .adaquant import AdaQuantSettings, adaquant_layer
 from .modules import QuantLayer
-from .quantizer import RANGE_METHODS
+from .quantizer import FP16, RANGE_METHODS
+from .tensor_ops import tensor_quantizers
 
 
 def relu_followers(model: nn.Module) -> set[str]:
@@ -108,11 +109,26 @@ def init_ranges(fp_model: nn.Module, q_model: nn.Module, names: list[str], batch
         q: QuantLayer = q_model.get_submodule(name)
         w_kw = {"percentile": percentile} if weight_method == "percentile" else {}
         a_kw = {"percentile": percentile} if act_method == "percentile" else {}
-        if q.w_bits:
+        if q.w_bits and q.w_bits != FP16:
             q.weight_scale.copy_(RANGE_METHODS[weight_method](q.layer.weight, q.w_bits, axis=0, **w_kw))
-        if q.a_bits:
+        if q.a_bits and q.a_bits != FP16:
             x, _ = capture(fp_model, name, batches, want_output=False)
             q.act_scale.copy_(RANGE_METHODS[act_method](x, q.a_bits, signed=q.a_signed, **a_kw))
+
+
+@torch.no_grad()
+def init_tensor_ranges(fp_model: nn.Module, q_model: nn.Module, batches: Callable[[], Iterable[torch.Tensor]],
+                       method: str = "mse", percentile: float = 99.99) -> list[str]:
+    """Scales of the residual-add / matmul quantizers (tensor_ops.ActQuant) from the FP model's
+    tensors at the same places (``fp_model`` carries disabled copies of them)."""
+    kw = {"percentile": percentile} if method == "percentile" else {}
+    done = []
+    for name, q in tensor_quantizers(q_model):
+        if q.bits:
+            x, _ = capture(fp_model, name, batches, want_output=False)
+            q.scale.copy_(RANGE_METHODS[method](x, q.bits, signed=q.signed, **kw))
+            done.append(name)
+    return done
 
 
 def adaquant_model(fp_model: nn.Module, q_model: nn.Module, names: list[str],

@@ -5,9 +5,15 @@ Delta-loss (Hubara et al. 2021, §4): start from the model with every candidate 
 candidate precision; swap *only* layer l to precision p (its own calibration at p: ranges, and
 AdaQuant in parallel mode on full-precision inputs); measure the calibration loss; subtract the
 base loss. The calibration set is unlabeled, so the loss is KL(softmax(FP logits) || softmax(quantized
-logits)). Candidates are weight bit widths (2..8); the layer's input bits stay as in the base model.
+logits)). Candidates are weight bit widths (2..8), the layer's input bits staying as in the base
+model, and 16 = "keep in FP16" (weights and inputs rounded to half precision, no integer grid).
 
-Cost is the storage of the layer's weights in bits (bits x parameters).
+Costs per (layer, precision), ``cost_table``:
+- ``size``: storage of the layer's weights, bits x parameters (16 for FP16);
+- ``bops``: bit operations per image, MACs x weight bits x input bits (FP16: 16 x 16), the measure
+  of van Baalen et al. 2020 / Hubara et al. 2021;
+- ``latency``: a user-supplied table of measured milliseconds per (layer, precision) — e.g. from
+  TensorRT's per-layer profile on the target device — read by ``read_latency_table``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,11 @@ from .adaquant import AdaQuantSettings, adaquant_layer
 from .bit_allocation import Allocation
 from .calibrate import CacheStats, capture, fit_budget, relu_followers
 from .modules import QuantLayer, replace_module
-from .quantizer import RANGE_METHODS
+from .quantizer import FP16, RANGE_METHODS
+
+
+def precision_label(bits: int) -> str:
+    return "fp16" if bits == FP16 else f"w{bits}"
 
 @torch.no_grad()
 def calibration_kl(fp: nn.Module, q: nn.Module, batches: Callable[[], Iterable[torch.Tensor]]) -> float:
@@ -35,7 +45,10 @@ def calibration_kl(fp: nn.Module, q: nn.Module, batches: Callable[[], Iterable[t
 
 
 def _layer_at(fp_layer: nn.Module, base: QuantLayer, bits: int, weight_range: str) -> QuantLayer:
-    """A fresh quantized copy of the FP layer with weights at ``bits`` (inputs as in the base)."""
+    """A fresh quantized copy of the FP layer with weights at ``bits`` (inputs as in the base), or
+    the layer kept in FP16 (weights and inputs)."""
+    if bits == FP16:
+        return QuantLayer(copy.deepcopy(fp_layer), FP16, FP16)
     q = QuantLayer(copy.deepcopy(fp_layer), bits, base.a_bits, base.a_signed)
     with torch.no_grad():
         q.weight_scale.copy_(RANGE_METHODS[weight_range](q.layer.weight, bits, axis=0))
@@ -47,8 +60,10 @@ def measure_deltas(fp: nn.Module, q_base: nn.Module, names: list[str], candidate
                    batches: Callable[[], Iterable[torch.Tensor]], weight_range: str = "mse",
                    settings: Optional[AdaQuantSettings] = None, cache_budget_bytes: int = 1 << 30,
                    seed: int = 0) -> tuple[dict, dict]:
-    """Delta-loss table {layer: {bits: dloss}} and the calibrated layer for every (layer, bits)."""
-    top = max(candidates)
+    """Delta-loss table {layer: {bits: dloss}} and the calibrated layer for every (layer, bits).
+    The base model has every layer at the highest integer candidate (the FP16 candidate is measured
+    against it like the others)."""
+    top = max(b for b in candidates if b != FP16)
     base_loss = calibration_kl(fp, q_base, batches)
     relus = relu_followers(fp)
     g = torch.Generator().manual_seed(seed)
@@ -64,7 +79,7 @@ def measure_deltas(fp: nn.Module, q_base: nn.Module, names: list[str], candidate
             if bits == top:
                 continue
             cand = _layer_at(fp.get_submodule(name), base, bits, weight_range)
-            if settings is not None:
+            if settings is not None and bits != FP16:  # nothing to calibrate in FP16
                 if x is None:  # cached once per layer, reused for every precision
                     x, y = capture(fp, name, batches)
                     x, y = fit_budget(x, F.relu(y) if name in relus else y, cache_budget_bytes, name, stats, g)
@@ -76,8 +91,88 @@ def measure_deltas(fp: nn.Module, q_base: nn.Module, names: list[str], candidate
     return dloss, layers
 
 
-def weight_costs(fp: nn.Module, names: list[str], candidates: list[int]) -> dict[str, dict[int, float]]:
-    return {n: {b: float(b * fp.get_submodule(n).weight.numel()) for b in candidates} for n in names}
+@torch.no_grad()
+def layer_macs(model: nn.Module, names: list[str], input_shape: tuple[int, ...]) -> dict[str, int]:
+    """Multiply-accumulates per image of each named Conv2d / Linear (or QuantLayer): output
+    elements x reduction size (weight elements per output channel)."""
+    out: dict[str, int] = {}
+    hooks = []
+    for name in names:
+        m = model.get_submodule(name)
+        weight = m.layer.weight if isinstance(m, QuantLayer) else m.weight
+        per_output = weight[0].numel()
+        hooks.append(m.register_forward_hook(lambda _m, _i, o, name=name, k=per_output: out.__setitem__(name, o[0].numel() * k)))
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, *input_shape, device=param.device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def model_bops(model: nn.Module, macs: dict[str, int]) -> float:
+    """Bit operations per image of the Conv/Linear layers named in ``macs``: MACs x weight bits x
+    input bits, float layers counted at 32 x 32 and FP16 ones at 16 x 16."""
+    total = 0.0
+    for name, n in macs.items():
+        m = model.get_submodule(name)
+        w, a = (m.w_bits or 32, m.a_bits or 32) if isinstance(m, QuantLayer) else (32, 32)
+        total += n * w * a
+    return total
+
+
+def read_latency_table(path: str) -> dict[tuple[str, int], float]:
+    """A CSV with columns ``layer,bits,ms`` (bits: 2..8, or 16 / fp16): {(layer, bits): ms}."""
+    import csv
+
+    from deploypipe.errors import InputError
+
+    fix = "give a CSV with header layer,bits,ms and one row per layer and candidate precision (bits 2..8 or fp16)"
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as err:
+        raise InputError(f"cannot read the latency table '{path}': {err.strerror or err}", fix) from None
+    table = {}
+    for i, row in enumerate(rows, start=2):
+        try:
+            bits = str(row["bits"]).strip().lower()
+            table[row["layer"].strip(), FP16 if bits in ("fp16", "16") else int(bits)] = float(row["ms"])
+        except (KeyError, ValueError, TypeError, AttributeError):
+            raise InputError(f"latency table '{path}' line {i} is not layer,bits,ms: {row}", fix) from None
+    if not table:
+        raise InputError(f"latency table '{path}' has no rows", fix)
+    return table
+
+
+def cost_table(kind: str, fp: nn.Module, names: list[str], candidates: list[int], a_bits: dict[str, Optional[int]],
+               macs: Optional[dict[str, int]] = None, latency: Optional[dict[tuple[str, int], float]] = None,
+               ) -> dict[str, dict[int, float]]:
+    """{layer: {precision: cost}} for ``kind`` size | bops | latency (see the module docstring);
+    ``a_bits`` are each layer's input bits (None = float, counted as 32)."""
+    table: dict[str, dict[int, float]] = {}
+    for n in names:
+        table[n] = {}
+        for b in candidates:
+            if kind == "size":
+                table[n][b] = float(b * fp.get_submodule(n).weight.numel())
+            elif kind == "bops":
+                table[n][b] = float(macs[n] * b * (FP16 if b == FP16 else (a_bits[n] or 32)))
+            elif kind == "latency":
+                if (n, b) not in latency:
+                    from deploypipe.errors import InputError
+
+                    raise InputError(f"the latency table has no entry for layer {n} at {precision_label(b)}",
+                                     "add a row 'layer,bits,ms' for every layer the program chooses for and every "
+                                     "candidate precision")
+                table[n][b] = latency[n, b]
+            else:
+                raise ValueError(f"unknown cost {kind!r}")
+    return table
 
 
 def assemble(q_base: nn.Module, allocation: Allocation, layers: dict) -> nn.Module:

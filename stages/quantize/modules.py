@@ -1,7 +1,9 @@
 """Fake-quantized layers, layer discovery, batch-norm folding, and the reloadable transform.
 
 ``QuantLayer`` wraps a Conv2d or Linear: its input is fake-quantized per tensor (``a_bits``), its
-weight per output channel (``w_bits``); ``None`` bits keep that side in floating point. The wrapped
+weight per output channel (``w_bits``); ``None`` bits keep that side in floating point, and 16
+(``FP16``) rounds it to half precision (a layer "kept in FP16"). When both sides are on integer
+grids the bias is rounded to the int32 accumulator grid s_x * s_w, as integer kernels hold it. The wrapped
 layer's weight and bias stay trainable parameters next to the learnable scales, which is what
 AdaQuant optimises. A zero weight stays exactly zero (symmetric grid, zero point 0), so N:M sparse
 layers stay N:M after quantization.
@@ -9,8 +11,11 @@ layers stay N:M after quantization.
 ``fold_batchnorm`` folds every BatchNorm2d that directly follows a Conv2d into that conv (found by
 torch.fx tracing; models fx cannot trace are left unfolded), as TensorRT does at build time.
 
-The transform record ``{"kind": "quantize", "params": {"folded": [[conv, bn], ...], "layers":
-{name: {"w_bits", "a_bits", "a_signed"}}}}`` rebuilds exactly this structure on load.
+The transform record ``{"kind": "quantize", "params": {"attention": [names of rewritten
+nn.MultiheadAttention], "folded": [[conv, bn], ...], "layers":
+{name: {"w_bits", "a_bits", "a_signed"}}, "tensor_quant": [...], "residual_bits", "matmul_bits",
+"input_shape"}}`` rebuilds exactly this structure on load (the residual-add / matmul quantizers of
+tensor_ops.py are re-inserted by tracing the same architecture).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import nn
 
 from deploypipe.models import register_transform
 
-from .quantizer import fake_quant, minmax_scale, qrange
+from .quantizer import FP16, export_fake_quant, fake_quant, minmax_scale, round_fp16
 
 Quantizable = Union[nn.Conv2d, nn.Linear]
 
@@ -37,19 +42,45 @@ class QuantLayer(nn.Module):
         self.layer = layer
         self.w_bits, self.a_bits, self.a_signed = w_bits, a_bits, a_signed
         w = layer.weight.detach()
-        self.weight_scale = nn.Parameter(minmax_scale(w, w_bits or 8, axis=0))
+        self.weight_scale = nn.Parameter(minmax_scale(w, w_bits if w_bits and w_bits != FP16 else 8, axis=0))
         self.act_scale = nn.Parameter(torch.ones((), device=w.device))  # set by calibration
 
     def quantized_weight(self) -> torch.Tensor:
-        w = self.layer.weight
-        return fake_quant(w, self.weight_scale, self.w_bits, axis=0) if self.w_bits else w
+        return self._weight(self.layer.weight, self.weight_scale)
+
+    def _weight(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self.w_bits == FP16:
+            return round_fp16(w)
+        return fake_quant(w, scale, self.w_bits, axis=0) if self.w_bits else w
+
+    def _input(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self.a_bits == FP16:
+            return round_fp16(x)
+        return fake_quant(x, scale, self.a_bits, self.a_signed) if self.a_bits else x
+
+    @property
+    def integer(self) -> bool:
+        """Both sides on integer grids: the layer runs as an integer kernel."""
+        return bool(self.w_bits and self.a_bits and FP16 not in (self.w_bits, self.a_bits))
+
+    def _bias(self, bias: Optional[torch.Tensor], weight_scale: torch.Tensor, act_scale: torch.Tensor):
+        """An integer kernel adds the bias in its int32 accumulator: on the grid of s_x * s_w per
+        output channel (ONNX Runtime rounds it so; TensorRT adds it in float, where a value already
+        on that grid is the same number)."""
+        if bias is None or not self.integer:
+            return bias
+        step = act_scale * weight_scale
+        b = bias / step
+        return (b + (torch.round(b) - b).detach()) * step
+
+    def quantized_bias(self) -> Optional[torch.Tensor]:
+        return self._bias(self.layer.bias, self.weight_scale, self.act_scale)
 
     def forward_with(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      weight_scale: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
         """The forward pass with the given tensors in place of the module's own (for AdaQuant)."""
-        if self.a_bits:
-            x = fake_quant(x, act_scale, self.a_bits, self.a_signed)
-        w = fake_quant(weight, weight_scale, self.w_bits, axis=0) if self.w_bits else weight
+        x, w = self._input(x, act_scale), self._weight(weight, weight_scale)
+        bias = self._bias(bias, weight_scale, act_scale)
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, w, bias)
         return F.linear(x, w, bias)
@@ -64,21 +95,27 @@ class QuantLayer(nn.Module):
         DequantizeLinear (symmetric, zero point 0, INT8 containers). A grid below 8 bits uses the
         INT8 grid with the same scale: weights are already on it (exact); activations get an explicit
         Clip to the narrower range first (exact too)."""
-        if self.a_bits:
-            s = float(self.act_scale)
-            qmin, qmax = qrange(self.a_bits, self.a_signed)
-            lo, hi = (-128, 127) if self.a_signed else (0, 255)
-            if (qmin, qmax) != (lo, hi):  # narrower grid (or symmetric -127): clip to it first
-                x = torch.clamp(x, qmin * s, qmax * s)
-            x = torch.fake_quantize_per_tensor_affine(x, s, 0, lo, hi)
+        if self.a_bits == FP16:
+            x = round_fp16(x)  # Cast to float16 and back
+        elif self.a_bits:
+            x = export_fake_quant(x, float(self.act_scale), self.a_bits, self.a_signed)
         w = self.layer.weight
-        if self.w_bits:
+        if self.w_bits == FP16:
+            w = round_fp16(w)
+        elif self.w_bits:  # export_onnx put the weight on its grid already, so this Q/DQ is exact
             zero = torch.zeros(w.shape[0], dtype=torch.int32)
-            w = torch.fake_quantize_per_channel_affine(self.quantized_weight().detach(), self.weight_scale.detach(),
-                                                       zero, 0, -128, 127)
+            w = torch.fake_quantize_per_channel_affine(w, self.weight_scale.detach(), zero, 0, -128, 127)
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, w, self.layer.bias)
         return F.linear(x, w, self.layer.bias)
+
+    def storage_bits(self) -> int:
+        """Deployed storage: weights at their bits (+ 32-bit per-channel scales), FP16 weights at
+        16, the bias and the input scale at 32."""
+        w = self.layer.weight.numel()
+        bits = 32 * w if not self.w_bits else self.w_bits * w + (0 if self.w_bits == FP16 else 32 * self.weight_scale.numel())
+        bits += 32 * (self.layer.bias.numel() if self.layer.bias is not None else 0)
+        return bits + (32 if self.a_bits and self.a_bits != FP16 else 0)
 
     def extra_repr(self) -> str:
         return f"w_bits={self.w_bits}, a_bits={self.a_bits}, a_signed={self.a_signed}"
@@ -163,7 +200,15 @@ def wrap_layers(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
 @register_transform("quantize")
 def apply_quantize_transform(model: nn.Module, params: dict) -> nn.Module:
     """Rebuild a quantized model's structure (values come from its state dict)."""
+    from .attention import convert_attention
+    from .tensor_ops import insert_tensor_quantizers
+
+    if params.get("attention"):
+        convert_attention(model, params.get("matmul_bits"), names=params["attention"])
     _prepare_folded(model, params.get("folded", []))
+    if params.get("tensor_quant"):
+        model, _ = insert_tensor_quantizers(model, tuple(params["input_shape"]), params.get("residual_bits"),
+                                            params.get("matmul_bits"), expected=params["tensor_quant"])
     return wrap_layers(model, params["layers"])
 
 

@@ -21,6 +21,14 @@ from typing import Optional
 import torch
 
 
+FP16 = 16  # a "precision" that keeps a layer in half-precision floating point instead of an integer grid
+
+
+def round_fp16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest float16 (what running the layer in FP16 does to it)."""
+    return x.to(torch.float16).to(x.dtype)
+
+
 def qrange(bits: int, signed: bool = True) -> tuple[int, int]:
     """Integer code range of a symmetric grid."""
     if not 2 <= bits <= 16:
@@ -80,12 +88,17 @@ def percentile_scale(x: torch.Tensor, bits: int, percentile: float = 99.99, sign
 
 
 def mse_scale(x: torch.Tensor, bits: int, signed: bool = True, axis: Optional[int] = None,
-              grid: int = 100, min_ratio: float = 0.2) -> torch.Tensor:
+              grid: int = 100, min_ratio: float = 0.2, max_samples: int = 1 << 20) -> torch.Tensor:
     """MSE-optimal clipping: the scale (per channel along ``axis``) among ``grid`` clipping ratios
-    in [min_ratio, 1] of max |x| that minimises ||q(x) - x||^2."""
+    in [min_ratio, 1] of max |x| that minimises ||q(x) - x||^2 (per tensor: over at most
+    ``max_samples`` elements drawn at random)."""
     x = x.detach().float()
     flat = x.reshape(1, -1) if axis is None else x.transpose(0, axis).reshape(x.shape[axis], -1)
     amax = flat.abs().max(1).values
+    if axis is None and flat.shape[1] > max_samples:  # a large activation tensor: the error of a seeded
+        # subsample estimates the full error closely, at a fraction of the cost (amax stays exact)
+        idx = torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(0))[:max_samples]
+        flat = flat[:, idx.to(flat.device)]
     qmin, qmax = qrange(bits, signed)
     best_err = torch.full_like(amax, float("inf"))
     best = _scale_from_range(amax, bits, signed)
@@ -97,6 +110,17 @@ def mse_scale(x: torch.Tensor, bits: int, signed: bool = True, axis: Optional[in
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, s, best)
     return best if axis is not None else best[0]
+
+
+def export_fake_quant(x: torch.Tensor, scale: float, bits: int, signed: bool) -> torch.Tensor:
+    """Per-tensor fake quantization written with the op the ONNX exporter turns into
+    QuantizeLinear/DequantizeLinear on an INT8 (UINT8) container; a narrower grid gets an exact Clip
+    to its range first."""
+    qmin, qmax = qrange(bits, signed)
+    lo, hi = (-128, 127) if signed else (0, 255)
+    if (qmin, qmax) != (lo, hi):
+        x = torch.clamp(x, qmin * scale, qmax * scale)
+    return torch.fake_quantize_per_tensor_affine(x, scale, 0, lo, hi)
 
 
 RANGE_METHODS = {"minmax": minmax_scale, "percentile": percentile_scale, "mse": mse_scale}

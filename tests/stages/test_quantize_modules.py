@@ -38,9 +38,12 @@ def test_quant_layer_equals_hand_composition():
     with torch.no_grad():
         q.act_scale.fill_(x.abs().max() / 127)
     ws = minmax_scale(conv.weight, 4, axis=0)
+    step = q.act_scale * ws  # the bias sits on the int32 accumulator grid s_x * s_w of each channel
+    bias = torch.round(conv.bias / step) * step
     ref = torch.nn.functional.conv2d(fake_quant(x, q.act_scale, 8), fake_quant(conv.weight, ws, 4, axis=0),
-                                     conv.bias, padding=1)
+                                     bias, padding=1)
     torch.testing.assert_close(q(x), ref)
+    assert not torch.equal(bias, conv.bias)  # (the rounding is visible at this scale)
     levels = [len(torch.unique(q.quantized_weight()[c])) for c in range(6)]
     assert max(levels) <= 15  # 4-bit symmetric: at most 15 values per output channel
 

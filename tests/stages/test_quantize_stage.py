@@ -63,6 +63,11 @@ def test_quantize_command_on_a_saved_model(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     m = last_json(res.stdout)["stages"][0]["metrics"]
     assert m["rtn_top1"] == m["test_top1"] and "adaquant_top1" not in m
+    res = run_cli("quantize", "--model", model_dir, "--weight-bits", "4", "--act-bits", "null", "--method", "rtn",
+                  "--calib-size", "64", "--no-export-onnx", "--out", "wonly", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]  # 'null' on the command line = weight-only
+    rows = list(csv.DictReader(open(tmp_path / "wonly" / "quantize" / "layers.csv")))
+    assert [r["a_bits"] for r in rows] == [""] * len(rows) and rows[1]["w_bits"] == "4"
     bad = run_cli("quantize", "--model", model_dir, "--exclude", "*", "--out", "out", cwd=tmp_path)
     assert bad.returncode == 1 and "no layer matches" in bad.stderr
 
@@ -100,7 +105,7 @@ def test_mixed_precision_is_optimal_for_the_measured_deltas_and_reports_infeasib
     assert m["size_fraction_of_fp32"] <= 0.12 + 1e-9
     rows = list(csv.DictReader(open(workdir / "q" / "quantize" / "bit_allocation.csv")))
     fp_bits, q_bits = 8 * m["fp32_bytes"], 8 * m["quantized_bytes"]
-    fixed = q_bits - sum(float(r["cost_bits"]) for r in rows)
+    fixed = q_bits - sum(float(r["cost"]) for r in rows)
     best = min((sum(float(r[f"dloss_w{b}"]) for r, b in zip(rows, combo)), combo)
                for combo in itertools.product([2, 4, 8], repeat=len(rows))
                if sum(b * int(r["params"]) for r, b in zip(rows, combo)) <= 0.12 * fp_bits - fixed)

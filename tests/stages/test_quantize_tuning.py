@@ -4,6 +4,8 @@ the KL to the FP logits."""
 
 import copy
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,23 +42,48 @@ def quantized_digits_cnn(w_bits=3, a_bits=4):
     return fp, q, affine, x, batches
 
 
-def test_bn_reestimation_matches_hand_computed_statistics():
+def _stats_by_hand(model, name, x):
+    outs = []
+    h = model.get_submodule(name).register_forward_hook(lambda _m, _i, o: outs.append(o.detach().clone()))
+    with torch.no_grad():
+        model(x)  # one pass over all images
+    h.remove()
+    o = torch.cat(outs).double()
+    return o.mean((0, 2, 3)), o.std((0, 2, 3), unbiased=False)
+
+
+@pytest.mark.parametrize("target", ["bn", "fp"])
+def test_bn_reestimation_matches_hand_computed_statistics(target):
     fp, q, affine, x, batches = quantized_digits_cnn()
     codes = {n: quantize_codes(m.layer.weight, m.weight_scale, m.w_bits, axis=0)
              for n, m in q.named_modules() if isinstance(m, QuantLayer)}
-    reestimate_bn(q, affine, batches)
+    reestimate_bn(q, affine, batches, fp if target == "fp" else None)
     for name, (gamma, beta) in affine.items():
-        outs = []
-        h = q.get_submodule(name).register_forward_hook(lambda _m, _i, o: outs.append(o.detach().clone()))
-        with torch.no_grad():
-            q(x)  # one pass over all images, statistics by hand
-        h.remove()
-        o = torch.cat(outs).double()
-        torch.testing.assert_close(o.mean((0, 2, 3)), beta.double(), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(o.std((0, 2, 3), unbiased=False), gamma.abs().double(), atol=1e-4, rtol=1e-4)
+        mean, std = _stats_by_hand(q, name, x)
+        want_mean, want_std = (beta.double(), gamma.abs().double()) if target == "bn" else _stats_by_hand(fp, name, x)
+        layer = q.get_submodule(name)
+        # the bias lands on the int32 accumulator grid s_x * s_w: the mean is exact up to half a step
+        step = (layer.act_scale * layer.weight_scale).double().detach()
+        assert_within(mean, want_mean, (step / 2 if layer.integer else 0) + 1e-4)
+        torch.testing.assert_close(std, want_std, atol=1e-4, rtol=1e-4)
     for n, m in q.named_modules():  # the integer codes are untouched: the factor went into the scale
         if isinstance(m, QuantLayer):
             assert torch.equal(quantize_codes(m.layer.weight, m.weight_scale, m.w_bits, axis=0), codes[n])
+
+
+def assert_within(got, want, tol):
+    assert bool(((got - want).abs() <= tol).all()), (got - want).abs().max()
+
+
+def test_bn_reestimation_with_the_fp_target_leaves_an_unquantized_model_unchanged():
+    fp, q, affine, x, batches = quantized_digits_cnn()
+    same = copy.deepcopy(fp)
+    with torch.no_grad():
+        before = same(x)
+    wrapped = wrap_layers(same, {n: {"w_bits": None, "a_bits": None} for n in affine})
+    reestimate_bn(wrapped, affine, batches, fp)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), before, atol=1e-4, rtol=1e-4)
 
 
 def test_bias_tuning_lowers_the_kl_to_fp_logits():

@@ -1,0 +1,171 @@
+"""Post-training quantization of a CIFAR-10 ResNet-20: deploypipe's quantize stage against its peers.
+
+For W8A8, W4A8, W4A4 and W3A4 (first and last layer at 8 bits): top-1 with round-to-nearest from
+min-max, percentile (99.99) and MSE-optimal ranges, then + AdaQuant (sequential), + BN
+re-estimation, + bias tuning — with the calibration wall time and the peak resident memory of each
+run. Then integer-programming mixed precision (weights {2, 3, 4, 8}, inputs 8-bit) at 0.10 and 0.13
+of the FP32 size. In the same script, on the same model and the same 1,024 calibration images
+(the calibration split of the train folder, never the test split): ONNX Runtime's static INT8
+quantization (QDQ, per-channel, symmetric; min-max and percentile calibration) and NNCF's
+``nncf.quantize`` when nncf is importable.
+
+Every deploypipe row is one ``python -m deploypipe quantize ... --json`` subprocess (its peak RSS is
+read with wait4), exactly what a user runs; the results land in ``--out`` (tables as results.md and
+results.json).
+
+    python bench/quantize.py --model runs/resnet20/train/model --data imagefolder:../shared/data/cifar10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SETTINGS = [("W8A8", 8, 8), ("W4A8", 4, 8), ("W4A4", 4, 4), ("W3A4", 3, 4)]
+
+
+def run_stage(label: str, args: list[str], out: Path, threads: int) -> dict:
+    """One quantize run as a user would start it; returns its metrics + wall time + peak RSS."""
+    cmd = [sys.executable, "-m", "deploypipe", "quantize", *args, "--workdir", str(out / "work"),
+           "--out", str(out / label), "--json", "--force"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    with open(out / f"{label}.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{label} failed (exit {os.waitstatus_to_exitcode(status)}); see {out / f'{label}.log'}")
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    metrics = dict(summary["stages"][0]["metrics"])
+    metrics.update(wall_seconds=wall, peak_rss_mb=usage.ru_maxrss / 1024)
+    print(f"  {label}: {wall:.0f} s, test top-1 {metrics['test_top1']:.4f}", flush=True)
+    return metrics
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a saved model/ folder (e.g. the train stage's output)")
+    ap.add_argument("--data", default="imagefolder:../shared/data/cifar10")
+    ap.add_argument("--out", default="bench/out/quantize")
+    ap.add_argument("--calib-size", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-peers", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    common = ["--model", args.model, "--data", args.data, "--calib-size", str(args.calib_size)]
+    results: dict = {"model": args.model, "data": args.data, "threads": args.threads, "rows": {}, "peers": {}}
+
+    print("deploypipe quantize runs:", flush=True)
+    for name, w, a in SETTINGS:
+        bits = ["--weight-bits", str(w), "--act-bits", str(a)]
+        row = {}
+        for rng in ("minmax", "percentile"):
+            m = run_stage(f"{name}-rtn-{rng}", common + bits + ["--method", "rtn", "--weight-range", rng,
+                                                               "--act-range", rng, "--no-export-onnx"], out, args.threads)
+            row[f"rtn_{rng}"] = m["rtn_top1"]
+            row["fp"] = m["fp_top1"]
+        m = run_stage(f"{name}-adaquant", common + bits + ["--bn-tuning", "--bias-tuning"], out, args.threads)
+        row.update(rtn_mse=m["rtn_top1"], adaquant=m["adaquant_top1"], bn=m["bn_top1"], bias=m["bias_top1"],
+                   calibration_seconds=m["calibration_seconds"], wall_seconds=m["wall_seconds"],
+                   peak_rss_mb=m["peak_rss_mb"], cache_peak_mb=m["cache_peak_mb"],
+                   size_fraction=m["size_fraction_of_fp32"], onnx_agreement=m["onnx_top1_agreement"])
+        results["rows"][name] = row
+    m = run_stage("mixed", common + ["--act-bits", "8", "--bit-candidates", "2,3,4,8", "--budget", "0.10",
+                                     "--sweep", "0.10,0.13", "--no-export-onnx"], out, args.threads)
+    import csv
+
+    front = list(csv.DictReader(open(out / "mixed" / "quantize" / "pareto.csv")))
+    results["mixed"] = {"points": front, "ip_solve_seconds": m["ip_solve_seconds"],
+                        "calibration_seconds": m["calibration_seconds"], "peak_rss_mb": m["peak_rss_mb"],
+                        "wall_seconds": m["wall_seconds"]}
+
+    if not args.skip_peers:
+        results["peers"] = run_peers(args, out)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    md = render(results)
+    (out / "results.md").write_text(md)
+    print(md)
+
+
+def run_peers(args, out: Path) -> dict:
+    sys.path.insert(0, str(HERE))
+    from quantize_peers import nncf_int8, nncf_status, onnx_top1, ort_static_int8
+
+    from deploypipe.config import DataSpec
+    from deploypipe.data import load_data
+    from deploypipe.evaluation import top1_and_loss
+    from deploypipe.models import load_model
+
+    splits = load_data(DataSpec(source=args.data, calib_size=args.calib_size))
+    model = load_model(args.model).eval()
+    calib = splits.calib.as_float(splits.calib.images).numpy()
+    x = splits.test.as_float(splits.test.images).numpy()
+    y = splits.test.labels.numpy()
+    peers = {}
+    print("peers:", flush=True)
+    for method in ("minmax", "percentile"):
+        t0 = time.perf_counter()
+        path = ort_static_int8(model, splits.input_shape, calib, out / "peers", method=method, threads=args.threads)
+        secs = time.perf_counter() - t0
+        peers[f"ONNX Runtime static INT8 ({method})"] = {"top1": onnx_top1(path, x, y, threads=args.threads),
+                                                         "calibration_seconds": secs}
+        print(f"  ORT {method}: {peers[f'ONNX Runtime static INT8 ({method})']}", flush=True)
+    status = nncf_status()
+    t0 = time.perf_counter()
+    qnet = nncf_int8(model, calib)
+    if qnet is not None:
+        secs = time.perf_counter() - t0
+        peers[f"NNCF nncf.quantize ({status})"] = {"top1": top1_and_loss(qnet, splits.test)[0], "calibration_seconds": secs}
+    else:
+        peers["NNCF"] = {"top1": None, "note": status}
+    print(f"  NNCF: {status}", flush=True)
+    return peers
+
+
+def render(r: dict) -> str:
+    lines = [f"model `{r['model']}`, data `{r['data']}`, {r['threads']} CPU threads; test top-1 (%) on the 10,000 test images",
+             "", "| setting | FP32 | RTN min-max | RTN percentile | RTN MSE | + AdaQuant | + BN | + bias | Δ vs FP32 | "
+             "calibration s | peak RSS MB | size / FP32 | ONNX agreement |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in r["rows"].items():
+        final = row["bias"]
+        lines.append(f"| {name} | {pct(row['fp'])} | {pct(row['rtn_minmax'])} | {pct(row['rtn_percentile'])} | "
+                     f"{pct(row['rtn_mse'])} | {pct(row['adaquant'])} | {pct(row['bn'])} | {pct(final)} | "
+                     f"{100 * (final - row['fp']):+.2f} | {row['calibration_seconds']:.0f} | {row['peak_rss_mb']:.0f} | "
+                     f"{row['size_fraction']:.3f} | {pct(row['onnx_agreement'])} |")
+    mixed = r.get("mixed")
+    if mixed:
+        lines += ["", "Mixed precision (weights {2, 3, 4, 8} per layer by PuLP + CBC, inputs 8-bit, AdaQuant deltas; "
+                  f"solve {mixed['ip_solve_seconds']:.3f} s; run {mixed['wall_seconds']:.0f} s):", "",
+                  "| budget (size / FP32) | achieved | average bits | top-1 | bits per layer |", "|---|---|---|---|---|"]
+        for p in mixed["points"]:
+            lines.append(f"| {float(p['budget']):.2f} | {float(p['size_fraction_of_fp32']):.4f} | "
+                         f"{float(p['average_bits']):.2f} | {pct(float(p['test_top1']))} | {p['bits']} |")
+    if r.get("peers"):
+        lines += ["", "Peers (8-bit, same model and calibration images):", "", "| peer | top-1 | calibration s |", "|---|---|---|"]
+        for name, p in r["peers"].items():
+            secs = p.get("calibration_seconds")
+            lines.append(f"| {name} | {pct(p['top1']) if p['top1'] is not None else p.get('note')} | "
+                         f"{'–' if secs is None else f'{secs:.1f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

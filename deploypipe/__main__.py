@@ -1,0 +1,5 @@
+"""``python -m deploypipe`` = the ``deploypipe`` command."""
+
+from deploypipe.cli import main
+
+main()
