@@ -1,0 +1,1 @@
+"""certify: randomized smoothing and dual randomized smoothing with sound radii."""

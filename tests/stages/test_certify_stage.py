@@ -1,0 +1,81 @@
+"""The certify stage in a pipeline: noise-trained digits CNN -> W8A8 quantize -> certify the quantized
+model with the FP32 one as reference; CSV, metrics that agree with the CSV, the plot; shards that
+merge into exactly the unsharded result; DRS on half-width side models; bad options exit 2."""
+
+import csv
+
+import pytest
+
+from conftest import last_json, run_cli
+from deploypipe.config import PipelineConfig, validate
+from deploypipe.errors import InputError
+from deploypipe.pipeline import Pipeline
+from deploypipe.stages.certify.stage import CertifyConfig, select_images, summarize
+
+
+def test_select_images_and_shards():
+    assert select_images(10, 5, None, None) == [0, 2, 4, 6, 8]
+    assert select_images(10, None, 3, None) == [0, 3, 6, 9]
+    assert select_images(10, 500, None, None) == list(range(10))
+    parts = [select_images(450, 100, None, f"{i}/3") for i in range(3)]
+    assert sorted(sum(parts, [])) == select_images(450, 100, None, None)
+
+
+def test_summary_by_hand():
+    rows = [{"prediction": 1, "label": 1, "correct": 1, "radius": 0.6}, {"prediction": 2, "label": 1, "correct": 0, "radius": 0.9},
+            {"prediction": -1, "label": 0, "correct": 0, "radius": 0.0}, {"prediction": 0, "label": 0, "correct": 1, "radius": 0.2}]
+    m = summarize(rows, [0.0, 0.25, 0.5, 1.0])
+    assert m == {"certified_acc_r0": 0.5, "certified_acc_r0.25": 0.25, "certified_acc_r0.5": 0.25,
+                 "certified_acc_r1": 0.0, "acr": (0.6 + 0.2) / 4, "abstain_rate": 0.25}
+
+
+def test_certify_the_quantized_model_against_its_fp32_input(workdir):
+    cfg = validate(PipelineConfig, {
+        "name": "c", "model": "zoo:digits_cnn", "data": {"source": "digits", "calib_size": 128},
+        "stages": [{"train": {"epochs": 8, "batch_size": 64, "lr": 0.05, "noise_sigma": 0.25}},
+                   {"quantize": {"weight_bits": 8, "act_bits": 8, "method": "rtn", "export_onnx": False}},
+                   {"certify": {"sigma": 0.25, "n0": 20, "n": 400, "alpha": 0.01, "num_images": 12, "batch_size": 200,
+                                "reference": str(workdir / "c" / "train" / "model")}}]}, "test")
+    m = Pipeline(cfg, workdir, show_progress=False).run().stages[2].metrics
+    out = workdir / "c" / "certify"
+    rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(open(out / "certify.csv"))]
+    assert len(rows) == 12 and (out / "certified_accuracy.png").is_file() and (out / "certify_reference.csv").is_file()
+    assert m["certified_acc_r0"] == pytest.approx(summarize(rows, [0.0])["certified_acc_r0"])
+    assert m["certified_acc_r0"] >= 0.5  # a noise-trained digits CNN is mostly right under sigma 0.25
+    # no radius beyond what n = 400 can certify at alpha 0.01: sigma * Phi^-1(0.01^(1/400))
+    assert max(r["radius"] for r in rows) <= 0.25 * 2.58 + 1e-9
+    assert {"reference_acr", "acr_lost", "reference_certified_acc_r0.5"} <= set(m)
+    assert abs(m["acr_lost"]) < 0.2  # W8A8 barely moves it
+
+
+def test_shards_merge_into_the_unsharded_result(tmp_path):
+    res = run_cli("train", "--model", "zoo:digits_cnn", "--epochs", "3", "--lr", "0.05", "--noise-sigma", "0.25",
+                  "--out", "out", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    model = last_json(res.stdout)["stages"][0]["model"]
+    common = ["certify", "--model", model, "--n0", "10", "--n", "100", "--alpha", "0.01", "--num-images", "9",
+              "--batch-size", "64"]
+    full = run_cli(*common, "--out", "all", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+    rows = []
+    for i in range(3):
+        part = run_cli(*common, "--shard", f"{i}/3", "--out", f"shard{i}", cwd=tmp_path)
+        assert part.returncode == 0, part.stderr[-2000:]
+        rows += list(csv.DictReader(open(tmp_path / f"shard{i}" / "certify" / "certify.csv")))
+    want = list(csv.DictReader(open(tmp_path / "all" / "certify" / "certify.csv")))
+    strip = lambda rs: sorted(({k: v for k, v in r.items() if k != "seconds"} for r in rs), key=lambda r: int(r["index"]))  # noqa: E731
+    assert strip(rows) == strip(want)
+    drs = run_cli("certify", "--model", "zoo:digits_cnn", "--method", "drs", "--sigma", "0.18", "--n0", "10", "--n", "50",
+                  "--num-images", "3", "--out", "drs", cwd=tmp_path)  # an untrained side model on 8x4 half-images
+    assert drs.returncode == 0, drs.stderr[-2000:]
+    row = next(csv.DictReader(open(tmp_path / "drs" / "certify" / "certify.csv")))
+    assert "p_lower_right" in row
+    bad = run_cli("certify", "--model", model, "--shard", "3/3", "--out", "bad", cwd=tmp_path)
+    assert bad.returncode == 2 and "0 <= i < k" in bad.stderr and not (tmp_path / "bad" / "certify").exists()
+
+
+def test_options_are_checked():
+    with pytest.raises(InputError, match="model_right is for method drs"):
+        validate(CertifyConfig, {"model_right": "x"}, "certify")
+    with pytest.raises(InputError, match="shard must be i/k"):
+        validate(CertifyConfig, {"shard": "half"}, "certify")
