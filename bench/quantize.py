@@ -31,9 +31,16 @@ SETTINGS = [("W8A8", 8, 8), ("W4A8", 4, 8), ("W4A4", 4, 4), ("W3A4", 3, 4)]
 
 
 def run_stage(label: str, args: list[str], out: Path, threads: int) -> dict:
-    """One quantize run as a user would start it; returns its metrics + wall time + peak RSS."""
+    """One quantize run as a user would start it; returns its metrics + wall time + peak RSS. A run
+    whose result is already in ``out`` (an interrupted benchmark) is read back instead."""
+    done, usage_file = out / label / "quantize" / "result.json", out / f"{label}.usage.json"
+    if done.is_file():
+        metrics = dict(json.loads(done.read_text())["metrics"])
+        metrics.update(json.loads(usage_file.read_text()) if usage_file.is_file() else {"wall_seconds": None, "peak_rss_mb": None})
+        print(f"  {label}: (done before) test top-1 {metrics['test_top1']:.4f}", flush=True)
+        return metrics
     cmd = [sys.executable, "-m", "deploypipe", "quantize", *args, "--workdir", str(out / "work"),
-           "--out", str(out / label), "--json", "--force"]
+           "--out", str(out / label), "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     with open(out / f"{label}.log", "w") as log:
@@ -46,8 +53,13 @@ def run_stage(label: str, args: list[str], out: Path, threads: int) -> dict:
     summary = json.loads(stdout.strip().splitlines()[-1])
     metrics = dict(summary["stages"][0]["metrics"])
     metrics.update(wall_seconds=wall, peak_rss_mb=usage.ru_maxrss / 1024)
+    usage_file.write_text(json.dumps({"wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}))
     print(f"  {label}: {wall:.0f} s, test top-1 {metrics['test_top1']:.4f}", flush=True)
     return metrics
+
+
+def num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0f}"
 
 
 def pct(x: float | None) -> str:
@@ -148,12 +160,12 @@ def render(r: dict) -> str:
         final = row["bias"]
         lines.append(f"| {name} | {pct(row['fp'])} | {pct(row['rtn_minmax'])} | {pct(row['rtn_percentile'])} | "
                      f"{pct(row['rtn_mse'])} | {pct(row['adaquant'])} | {pct(row['bn'])} | {pct(final)} | "
-                     f"{100 * (final - row['fp']):+.2f} | {row['calibration_seconds']:.0f} | {row['peak_rss_mb']:.0f} | "
+                     f"{100 * (final - row['fp']):+.2f} | {row['calibration_seconds']:.0f} | {num(row['peak_rss_mb'])} | "
                      f"{row['size_fraction']:.3f} | {pct(row['onnx_agreement'])} |")
     mixed = r.get("mixed")
     if mixed:
         lines += ["", "Mixed precision (weights {2, 3, 4, 8} per layer by PuLP + CBC, inputs 8-bit, AdaQuant deltas; "
-                  f"solve {mixed['ip_solve_seconds']:.3f} s; run {mixed['wall_seconds']:.0f} s):", "",
+                  f"solve {mixed['ip_solve_seconds']:.3f} s; run {num(mixed['wall_seconds'])} s):", "",
                   "| budget (size / FP32) | achieved | average bits | top-1 | bits per layer |", "|---|---|---|---|---|"]
         for p in mixed["points"]:
             lines.append(f"| {float(p['budget']):.2f} | {float(p['size_fraction_of_fp32']):.4f} | "

@@ -285,3 +285,33 @@ def load_data(spec: DataSpec, workers: int = 2) -> Splits:
     fingerprint = hashlib.sha256(json.dumps([spec.model_dump(mode="json"), keys]).encode()).hexdigest()
     return Splits(train=train, calib=train.subset(calib_index), test=test, classes=classes,
                   augment=augment, fingerprint=fingerprint)
+
+
+# --------------------------------------------------------------------------- DRS half-images
+def diagonal_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., C, H, W) -> two (..., C, H, W/2): per 2x2 block, the main diagonal left, the anti-diagonal
+    right (each row alternates which pixel of a horizontal pair goes where). W must be even. The
+    split of dual randomized smoothing (Xia et al. 2024): the train stage fits one base classifier
+    per side, the certify stage smooths each side."""
+    w = x.shape[-1]
+    if w % 2:
+        raise ValueError(f"DRS needs an even image width, got {w}")
+    rows = torch.arange(x.shape[-2], device=x.device) % 2  # 0 on even rows, 1 on odd
+    cols = torch.arange(0, w, 2, device=x.device)
+    left_idx = cols[None, :] + rows[:, None]       # even rows: even columns; odd rows: odd columns
+    right_idx = cols[None, :] + 1 - rows[:, None]
+    shape = x.shape[:-1] + (w // 2,)
+    left = torch.gather(x, -1, left_idx.expand(shape))
+    right = torch.gather(x, -1, right_idx.expand(shape))
+    return left, right
+
+
+def diagonal_merge(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``diagonal_split``."""
+    h, half = left.shape[-2], left.shape[-1]
+    rows = torch.arange(h, device=left.device) % 2
+    cols = torch.arange(0, 2 * half, 2, device=left.device)
+    out = left.new_empty(left.shape[:-1] + (2 * half,))
+    out.scatter_(-1, (cols[None, :] + rows[:, None]).expand(left.shape), left)
+    out.scatter_(-1, (cols[None, :] + 1 - rows[:, None]).expand(right.shape), right)
+    return out

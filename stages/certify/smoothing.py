@@ -43,6 +43,9 @@ from typing import Callable, Optional
 
 import torch
 
+from deploypipe.data import diagonal_merge as merge  # noqa: F401  (re-exported: the DRS pair)
+from deploypipe.data import diagonal_split as split
+
 from .bounds import binom_test_two_sided_half, clopper_pearson_lower
 
 ABSTAIN = -1
@@ -113,33 +116,6 @@ def predict(model: Classifier, x: torch.Tensor, sigma: float, n: int, alpha: flo
 
 
 # --------------------------------------------------------------------------- DRS
-def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., C, H, W) -> two (..., C, H, W/2): per 2x2 block, the main diagonal left, the anti-diagonal
-    right. W must be even."""
-    w = x.shape[-1]
-    if w % 2:
-        raise ValueError(f"DRS needs an even image width, got {w}")
-    rows = torch.arange(x.shape[-2], device=x.device) % 2  # 0 on even rows, 1 on odd
-    cols = torch.arange(0, w, 2, device=x.device)
-    left_idx = cols[None, :] + rows[:, None]       # even rows: even columns; odd rows: odd columns
-    right_idx = cols[None, :] + 1 - rows[:, None]
-    shape = x.shape[:-1] + (w // 2,)
-    left = torch.gather(x, -1, left_idx.expand(shape))
-    right = torch.gather(x, -1, right_idx.expand(shape))
-    return left, right
-
-
-def merge(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``split``."""
-    h, half = left.shape[-2], left.shape[-1]
-    rows = torch.arange(h, device=left.device) % 2
-    cols = torch.arange(0, 2 * half, 2, device=left.device)
-    out = left.new_empty(left.shape[:-1] + (2 * half,))
-    out.scatter_(-1, (cols[None, :] + rows[:, None]).expand(left.shape), left)
-    out.scatter_(-1, (cols[None, :] + 1 - rows[:, None]).expand(right.shape), right)
-    return out
-
-
 def drs_radius(p_left: float, p_right: float, sigma: float) -> float:
     """The sound DRS radius sigma (a + b) / sqrt(2), a = Phi^-1(p_left), b = Phi^-1(p_right); 0 when
     a + b <= 0 (abstain)."""

@@ -44,40 +44,44 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path
     return path
 
 
-def onnx_parity(model: nn.Module, path: str | Path, data: ImageSet, batch_size: int = 256) -> dict[str, float]:
+def onnx_parity(model: nn.Module, path: str | Path, data: ImageSet, batch_size: int = 256,
+                exact_images: int = 1000) -> dict[str, float]:
     """Compare the PyTorch fake-quant model with the ONNX file in ONNX Runtime on ``data``, twice:
 
-    - as ORT deploys it (all graph optimisations): ORT fuses DQ -> Conv/MatMul -> Q into integer
-      kernels and rounds the bias to the int32 grid of s_x * s_w, as integer engines do, so values
-      move by up to a code step and a few images can change class: ``onnx_top1_agreement``,
+    - as ORT deploys it (all graph optimisations, every image): ORT fuses DQ -> Conv/MatMul -> Q
+      into integer kernels and rounds the bias to the int32 grid of s_x * s_w (our model does too),
+      so values can still move by a code step where float sums differ: ``onnx_top1_agreement``,
       ``onnx_max_abs_logit_diff``, ``onnx_images_logits_differ`` (share with a logit off by > 1e-3);
-    - as the file's arithmetic (graph optimisations off, Q/DQ executed as written): this must match
-      the PyTorch model up to float summation order: ``onnx_exact_max_abs_logit_diff``,
-      ``onnx_exact_top1_agreement``.
+    - as the file's arithmetic (graph optimisations off, Q/DQ executed as written; the first
+      ``exact_images`` images, since unoptimised ORT is slow): ``onnx_exact_top1_agreement``,
+      ``onnx_exact_max_abs_logit_diff``.
     """
     import onnxruntime as ort
 
     model = model.eval().cpu()
-    basic = ort.SessionOptions()
-    basic.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sessions = {"": ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]),
-                "exact_": ort.InferenceSession(str(path), basic, providers=["CPUExecutionProvider"])}
+                "exact_": ort.InferenceSession(str(path), plain, providers=["CPUExecutionProvider"])}
     agree = dict.fromkeys(sessions, 0)
+    seen = dict.fromkeys(sessions, 0)
     max_diff = dict.fromkeys(sessions, 0.0)
-    n, differing = 0, 0
+    differing = 0
     with torch.no_grad():
         for x, _ in data.batches(batch_size):
             ours = model(x).numpy()
-            n += len(x)
             for key, session in sessions.items():
+                if key and seen[key] >= exact_images:
+                    continue
                 theirs = session.run(["logits"], {"images": x.numpy()})[0]
                 agree[key] += int((ours.argmax(1) == theirs.argmax(1)).sum())
+                seen[key] += len(x)
                 per_image = np.abs(ours - theirs).max(1)
                 max_diff[key] = max(max_diff[key], float(per_image.max()))
                 if not key:
                     differing += int((per_image > 1e-3).sum())
-    out = {"onnx_images_logits_differ": differing / max(n, 1)}
+    out = {"onnx_images_logits_differ": differing / max(seen[""], 1)}
     for key in sessions:
-        out[f"onnx_{key}top1_agreement"] = agree[key] / max(n, 1)
+        out[f"onnx_{key}top1_agreement"] = agree[key] / max(seen[key], 1)
         out[f"onnx_{key}max_abs_logit_diff"] = max_diff[key]
     return out

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deploypipe.data import Augment, ImageSet
+from deploypipe.data import Augment, ImageSet, diagonal_split
 from deploypipe.progress import progress
 
 
@@ -69,28 +69,55 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, schedule, warmup_steps))
 
 
+def consistency_loss(logits: torch.Tensor, y: torch.Tensor, copies: int, weight: float, entropy_weight: float,
+                     label_smoothing: float = 0.0) -> torch.Tensor:
+    """Jeong & Shin (2020): ``logits`` of ``copies`` noisy versions of each of B images (copy-major,
+    (copies * B, K)). Mean cross-entropy over the copies + weight * mean_i KL(p_mean || p_i) +
+    entropy_weight * H(p_mean), with p_mean the average of the copies' softmax."""
+    k = logits.shape[-1]
+    logp = F.log_softmax(logits.float(), -1).view(copies, -1, k)
+    ce = F.cross_entropy(logits.float(), y.repeat(copies), label_smoothing=label_smoothing)
+    p_mean = logp.exp().mean(0)
+    log_mean = p_mean.clamp_min(1e-12).log()
+    kl = (p_mean * (log_mean - logp)).sum(-1).mean()  # mean over copies and images
+    entropy = -(p_mean * log_mean).sum(-1).mean()
+    return ce + weight * kl + entropy_weight * entropy
+
+
 def train_epoch(model: nn.Module, data: ImageSet, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, batch_size: int, generator: torch.Generator,
                 device: torch.device, augment: Optional[Augment] = None, label_smoothing: float = 0.0,
                 noise_sigma: float = 0.0, channels_last: bool = False, max_grad_norm: Optional[float] = None,
-                show_progress: bool = False, description: str = "train") -> dict[str, float]:
+                show_progress: bool = False, description: str = "train", consistency: float = 0.0,
+                copies: int = 2, entropy_weight: float = 0.5, side: Optional[int] = None) -> dict[str, float]:
     """One pass over ``data``; returns mean loss and top-1 on the (augmented) training batches.
 
     ``noise_sigma`` > 0 adds N(0, sigma^2) noise to every [0, 1] image before the model's own
-    normalisation — the training that randomized smoothing needs (Cohen et al. 2019).
+    normalisation — the training that randomized smoothing needs (Cohen et al. 2019). With
+    ``consistency`` > 0 each image is seen as ``copies`` noisy versions and ``consistency_loss``
+    is minimised. ``side`` (0 = left, 1 = right) trains on that half of the DRS diagonal split.
     """
     model.train()
     total_loss, correct, n = 0.0, 0, 0
     steps = math.ceil(len(data) / batch_size)
     for x, y in progress(data.batches(batch_size, shuffle=True, generator=generator, augment=augment),
                          total=steps, description=description, enabled=show_progress):
+        if side is not None:
+            x = diagonal_split(x)[side]
+        m = copies if consistency > 0 else 1
+        if m > 1:
+            x = x.repeat(m, 1, 1, 1)
         if noise_sigma > 0:
             x = x + noise_sigma * torch.randn(x.shape, generator=generator)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        if m > 1:
+            loss = consistency_loss(logits, y, m, consistency, entropy_weight, label_smoothing)
+            logits = logits[: len(y)]
+        else:
+            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if max_grad_norm:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -12,6 +13,8 @@ from matplotlib.figure import Figure
 from pydantic import Field
 
 from deploypipe.config import Schema
+from deploypipe.data import diagonal_split
+from deploypipe.errors import InputError
 from deploypipe.evaluation import top1_and_loss
 from deploypipe.progress import log
 from deploypipe.stage import StageContext, StageResult, register
@@ -30,11 +33,26 @@ class TrainConfig(Schema):
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up (cosine/constant; onecycle ramps 30% by default)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     noise_sigma: float = Field(0.0, ge=0, description="Gaussian noise on [0,1] inputs (for certify); 0 = off")
+    consistency: float = Field(0.0, ge=0, description="with noise_sigma: weight of the consistency regulariser (Jeong & Shin 2020; e.g. 10-20); 0 = off")
+    consistency_copies: int = Field(2, ge=2, description="noisy copies per image for the consistency regulariser")
+    consistency_entropy: float = Field(0.5, ge=0, description="weight of the entropy term of the consistency regulariser")
+    drs_side: Optional[Literal["left", "right"]] = Field(None, description="train a dual-randomized-smoothing base classifier on this half of the diagonal split (the model then takes C x H x W/2 images)")
     augment: bool = Field(True, description="use the data's standard augmentation (crop, flip)")
     max_grad_norm: Optional[float] = Field(None, gt=0, description="clip the gradient norm")
     eval_every: int = Field(1, ge=0, description="evaluate on the test split every N epochs (0 = only at the end)")
     channels_last: bool = Field(True, description="channels-last memory format for conv nets (faster on CPU)")
     resume: bool = Field(True, description="resume from the last per-epoch checkpoint of an interrupted run")
+
+
+class _Side(torch.nn.Module):
+    """Evaluates a DRS side model on full test images by splitting them first."""
+
+    def __init__(self, model: torch.nn.Module, side: int):
+        super().__init__()
+        self.model, self.side = model, side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(diagonal_split(x)[self.side])
 
 
 def _plot(history: list[dict]) -> Figure:
@@ -57,6 +75,14 @@ def _plot(history: list[dict]) -> Figure:
 @register("train", help="Train the model: SGD/AdamW, one-cycle/cosine, label smoothing, Gaussian-noise augmentation")
 def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
     model, data = ctx.model, ctx.data
+    if cfg.consistency > 0 and cfg.noise_sigma <= 0:
+        raise InputError("train consistency needs Gaussian noise: set noise_sigma > 0",
+                         "add --noise-sigma 0.25 (or drop --consistency)")
+    side = None if cfg.drs_side is None else ("left", "right").index(cfg.drs_side)
+    if side is not None and data.input_shape[-1] % 2:
+        raise InputError(f"drs_side needs an even image width, the data has {data.input_shape[-1]}",
+                         "resize the images (--image-size) or drop --drs-side")
+    scored = model if side is None else _Side(model, side)
     channels_last = cfg.channels_last and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -80,11 +106,13 @@ def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
             model, data.train, optimizer, scheduler, cfg.batch_size, g, ctx.device,
             augment=data.augment if cfg.augment else None, label_smoothing=cfg.label_smoothing,
             noise_sigma=cfg.noise_sigma, channels_last=channels_last, max_grad_norm=cfg.max_grad_norm,
-            show_progress=ctx.show_progress, description=f"epoch {epoch + 1}/{cfg.epochs}")}
+            show_progress=ctx.show_progress, description=f"epoch {epoch + 1}/{cfg.epochs}",
+            consistency=cfg.consistency, copies=cfg.consistency_copies, entropy_weight=cfg.consistency_entropy,
+            side=side)}
         row["lr"] = scheduler.get_last_lr()[0]
         last = epoch + 1 == cfg.epochs
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            row["test_top1"], row["test_loss"] = top1_and_loss(model, data.test, device=ctx.device)
+            row["test_top1"], row["test_loss"] = top1_and_loss(scored, data.test, device=ctx.device)
         row["epoch_seconds"] = time.perf_counter() - te
         history.append(row)
         ctx.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
@@ -101,4 +129,8 @@ def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
     metrics = {"test_top1": final["test_top1"], "test_loss": final["test_loss"],
                "train_loss": final["train_loss"], "train_top1": final["train_top1"],
                "epochs": float(cfg.epochs), "train_seconds": sum(h["epoch_seconds"] for h in history)}
-    return StageResult(model=model, metrics=metrics)
+    record = None
+    if side is not None:  # the model now takes half-width images
+        half = list(diagonal_split(torch.zeros(1, *data.input_shape))[side].shape[1:])
+        record = dataclasses.replace(ctx.record, input_shape=half)
+    return StageResult(model=model, record=record, metrics=metrics)

@@ -104,3 +104,53 @@ def test_noise_augmentation_changes_inputs_only_when_asked():
     clean, noisy = seen
     assert torch.equal(clean, data.train.images[torch.randperm(64, generator=torch.Generator().manual_seed(0))])
     assert (noisy - clean).std().item() == pytest.approx(0.5, rel=0.1)
+
+
+def test_consistency_loss_against_the_formula_by_hand():
+    """Jeong & Shin (2020): mean CE over copies + lambda * mean KL(p_mean || p_i) + eta * H(p_mean),
+    written out with explicit loops in float64."""
+    import math
+
+    from deploypipe.stages.train.loop import consistency_loss
+
+    torch.manual_seed(0)
+    m, b, k = 3, 4, 5
+    logits = torch.randn(m * b, k, dtype=torch.float64)
+    y = torch.randint(0, k, (b,))
+    got = consistency_loss(logits, y, m, 7.0, 0.3)
+    p = [[torch.softmax(logits[i * b + j], 0).tolist() for j in range(b)] for i in range(m)]
+    ce = -sum(math.log(p[i][j][int(y[j])]) for i in range(m) for j in range(b)) / (m * b)
+    kl = ent = 0.0
+    for j in range(b):
+        mean = [sum(p[i][j][c] for i in range(m)) / m for c in range(k)]
+        kl += sum(sum(mean[c] * (math.log(mean[c]) - math.log(p[i][j][c])) for c in range(k)) for i in range(m)) / m
+        ent += -sum(mc * math.log(mc) for mc in mean)
+    assert float(got) == pytest.approx(ce + 7.0 * kl / b + 0.3 * ent / b, rel=1e-6)
+
+
+def test_drs_sides_train_on_half_images_and_certify_together(tmp_path):
+    """Two side models (left with the consistency regulariser) on the diagonal halves of the digits,
+    then DRS certification with both; the side models record their half-width input."""
+    import csv
+    import json
+
+    from conftest import last_json, run_cli
+
+    models = {}
+    for side, extra in (("left", ["--consistency", "5"]), ("right", [])):
+        res = run_cli("train", "--model", "zoo:digits_cnn", "--epochs", "6", "--lr", "0.05", "--noise-sigma", "0.18",
+                      "--drs-side", side, *extra, "--out", side, "--json", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+        out = last_json(res.stdout)["stages"][0]
+        assert out["metrics"]["test_top1"] > 0.6  # half of an 8x8 digit under noise is still readable
+        models[side] = out["model"]
+        assert json.load(open(tmp_path / models[side] / "model.json"))["input_shape"] == [1, 8, 4]
+    res = run_cli("certify", "--model", models["left"], "--model-right", models["right"], "--method", "drs",
+                  "--sigma", "0.18", "--n0", "20", "--n", "300", "--alpha", "0.01", "--num-images", "10",
+                  "--out", "drs", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = last_json(res.stdout)["stages"][0]["metrics"]
+    rows = list(csv.DictReader(open(tmp_path / "drs" / "certify" / "certify.csv")))
+    assert len(rows) == 10 and m["certified_acc_r0"] >= 0.5
+    bad = run_cli("train", "--model", "zoo:digits_cnn", "--consistency", "5", "--out", "bad", cwd=tmp_path)
+    assert bad.returncode == 2 and "noise_sigma" in bad.stderr
