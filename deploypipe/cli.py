@@ -102,11 +102,14 @@ class _Lazy(click.Group):
         if getattr(self, "_loaded", False):
             return
         self._loaded = True
-        from .stage import load_stages
+        from .stage import COMMANDS, load_stages
 
         for name, sdef in load_stages().items():
             if name not in self.commands:
                 self.add_command(_stage_command(name, sdef.config, sdef.help))
+        for name, command in COMMANDS.items():
+            if name not in self.commands:
+                self.add_command(command)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._ensure()

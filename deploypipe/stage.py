@@ -83,6 +83,13 @@ class StageDef:
 
 
 REGISTRY: dict[str, StageDef] = {}
+COMMANDS: dict[str, Any] = {}  # extra CLI commands a stage package brings (click commands), e.g. certify-merge
+
+
+def register_command(command: Any) -> Any:
+    """Add a click command to the CLI (for tools that belong to a stage but are not a stage)."""
+    COMMANDS[command.name] = command
+    return command
 
 
 def register(name: str, help: str = "") -> Callable:

@@ -27,7 +27,7 @@ from pydantic import Field, field_validator, model_validator
 from deploypipe.config import Schema
 from deploypipe.errors import InputError
 from deploypipe.progress import log, progress
-from deploypipe.stage import StageContext, StageResult, register
+from deploypipe.stage import StageContext, StageResult, register, register_command
 
 from .smoothing import ABSTAIN, certify, certify_drs, image_generator, split
 
@@ -136,7 +136,8 @@ def _load(path: str, what: str):
     return load_model(path)
 
 
-def _plot(curves: dict[str, list[dict]], cfg: CertifyConfig) -> Figure:
+def plot_curves(curves: dict[str, list[dict]], cfg: CertifyConfig) -> Figure:
+    """Certified accuracy against the radius, one curve per model."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     top = max([r["radius"] for rows in curves.values() for r in rows] + [max(cfg.radii)])
@@ -149,6 +150,11 @@ def _plot(curves: dict[str, list[dict]], cfg: CertifyConfig) -> Figure:
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
+
+
+from .merge import certify_merge  # noqa: E402  (the command needs this module's helpers)
+
+register_command(certify_merge)
 
 
 @register("certify", help="Certified L2 robustness by randomized smoothing (rs) or dual randomized smoothing (drs), sound radii")
@@ -186,7 +192,7 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
         metrics.update(summarize(ref_rows, cfg.radii, "reference_"))
         metrics["acr_lost"] = metrics["reference_acr"] - metrics["acr"]
         curves["reference"] = ref_rows
-    ctx.save_figure(_plot(curves, cfg), "certified_accuracy")
+    ctx.save_figure(plot_curves(curves, cfg), "certified_accuracy")
     log(f"[{ctx.stage_id}] " + ", ".join(f"r={r:g}: {metrics[f'certified_acc_r{r:g}']:.3f}" for r in cfg.radii)
         + f"; ACR {metrics['acr']:.3f}; {metrics['seconds_per_image']:.2f} s/image")
     return StageResult(metrics=metrics)

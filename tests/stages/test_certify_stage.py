@@ -3,6 +3,7 @@ model with the FP32 one as reference; CSV, metrics that agree with the CSV, the 
 merge into exactly the unsharded result; DRS on half-width side models; bad options exit 2."""
 
 import csv
+import json
 
 import pytest
 
@@ -65,6 +66,14 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
     want = list(csv.DictReader(open(tmp_path / "all" / "certify" / "certify.csv")))
     strip = lambda rs: sorted(({k: v for k, v in r.items() if k != "seconds"} for r in rs), key=lambda r: int(r["index"]))  # noqa: E731
     assert strip(rows) == strip(want)
+    merged = run_cli("certify-merge", *[f"shard{i}/certify" for i in range(3)], "--out", "merged", cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    whole = json.load(open(tmp_path / "all" / "certify" / "result.json"))["metrics"]
+    got = json.load(open(tmp_path / "merged" / "metrics.json"))
+    assert all(got[k] == pytest.approx(whole[k]) for k in got)  # the same metrics as the unsharded run
+    assert (tmp_path / "merged" / "certified_accuracy.png").is_file()
+    missing = run_cli("certify-merge", "shard0/certify", "shard2/certify", "--out", "m2", cwd=tmp_path)
+    assert missing.returncode == 2 and "not all k shards" in missing.stderr and not (tmp_path / "m2").exists()
     drs = run_cli("certify", "--model", "zoo:digits_cnn", "--method", "drs", "--sigma", "0.18", "--n0", "10", "--n", "50",
                   "--num-images", "3", "--out", "drs", cwd=tmp_path)  # an untrained side model on 8x4 half-images
     assert drs.returncode == 0, drs.stderr[-2000:]
