@@ -7,7 +7,7 @@ Images: every ``every``-th test image, or ``num_images`` evenly spaced ones (all
 of an image depends only on (seed, image index), so shards merge into exactly the unsharded result.
 With ``reference`` (e.g. the FP32 model a quantize stage started from) the same images are
 certified for it too, and the plot and metrics put the two side by side (robustness lost to
-compression).
+compression). With ``onnx`` the exported file itself is certified in ONNX Runtime — what ships.
 
 Outputs: ``certify.csv`` (index, label, prediction, radius, correct, seconds, p_lower[, p_lower_right]),
 certified accuracy at each radius in ``radii``, the average certified radius (ACR: mean over images
@@ -18,6 +18,7 @@ throughput, and ``certified_accuracy.png``.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -46,6 +47,8 @@ class CertifyConfig(Schema):
     reference: Optional[str] = Field(None, description="a saved model/ folder certified on the same images for comparison (e.g. the FP32 model before quantization)")
     radii: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0, 1.5], description="radii at which certified accuracy is reported")
     channels_last: bool = Field(True, description="channels_last memory format for the base classifier")
+    autocast: bool = Field(False, description="run the base classifier under autocast (float16 on CUDA, bfloat16 on CPU); noise and x + noise stay float32")
+    onnx: Optional[str] = Field(None, description="certify this ONNX file (e.g. quantize's model.onnx) in ONNX Runtime instead of the pipeline's PyTorch model (rs)")
 
     @field_validator("shard")
     @classmethod
@@ -64,6 +67,8 @@ class CertifyConfig(Schema):
     def _choice(self) -> "CertifyConfig":
         if self.model_right and self.method != "drs":
             raise ValueError("model_right is for method drs")
+        if self.method == "drs" and (self.reference or self.onnx):
+            raise ValueError("reference and onnx are supported with method rs")
         return self
 
 
@@ -90,8 +95,9 @@ def summarize(rows: list[dict], radii: list[float], prefix: str = "") -> dict[st
     return out
 
 
-def _run(models, ctx: StageContext, cfg: CertifyConfig, indices: list[int], label: str) -> tuple[list[dict], float]:
-    test, device = ctx.data.test, ctx.device
+def _run(models, ctx: StageContext, cfg: CertifyConfig, indices: list[int], label: str,
+         device: torch.device) -> tuple[list[dict], float]:
+    test = ctx.data.test
     num_classes = ctx.data.num_classes
     rows, t_all = [], time.perf_counter()
     batch = cfg.batch_size
@@ -122,9 +128,37 @@ def _run(models, ctx: StageContext, cfg: CertifyConfig, indices: list[int], labe
     return rows, time.perf_counter() - t_all
 
 
+class OnnxClassifier:
+    """An ONNX classifier (input ``images`` in [0, 1], output logits) run by ONNX Runtime on CPU."""
+
+    def __init__(self, path: str):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.detach().cpu().numpy()})[0]).to(x.device)
+
+
+class _Autocast(torch.nn.Module):
+    """The base classifier under autocast; the noisy input arrives in float32, logits leave in float32."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.model, self.device_type = model, torch.device(device).type
+        self.dtype = torch.float16 if self.device_type == "cuda" else torch.bfloat16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.model(x).float()
+
+
 def _prepare(model: torch.nn.Module, cfg: CertifyConfig, device) -> torch.nn.Module:
     model = model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return _Autocast(model, device) if cfg.autocast else model
 
 
 def _load(path: str, what: str):
@@ -160,7 +194,15 @@ register_command(certify_merge)
 @register("certify", help="Certified L2 robustness by randomized smoothing (rs) or dual randomized smoothing (drs), sound radii")
 def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
     device = ctx.device
-    model = _prepare(ctx.model, cfg, device)
+    if cfg.onnx:  # checked here, not in the config: an earlier stage of the pipeline may write it
+        if not Path(cfg.onnx).is_file():
+            raise InputError(f"certify onnx file '{cfg.onnx}' does not exist",
+                             "give the path of an ONNX classifier (e.g. <out>/quantize/model.onnx)")
+        device = torch.device("cpu")  # ONNX Runtime's CPU provider: noise and votes on the CPU
+        model = OnnxClassifier(cfg.onnx)
+        log(f"[{ctx.stage_id}] certifying the ONNX file {cfg.onnx} in ONNX Runtime")
+    else:
+        model = _prepare(ctx.model, cfg, device)
     if cfg.method == "drs":
         if ctx.data.input_shape[-1] % 2:
             raise InputError(f"DRS needs an even image width, the data has {ctx.data.input_shape[-1]}",
@@ -176,7 +218,7 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
     indices = select_images(len(ctx.data.test), cfg.num_images, cfg.every, cfg.shard)
     log(f"[{ctx.stage_id}] {cfg.method.upper()} on {len(indices)} test images, sigma {cfg.sigma}, n0 {cfg.n0}, "
         f"n {cfg.n}, alpha {cfg.alpha}{f', shard {cfg.shard}' if cfg.shard else ''}")
-    rows, seconds = _run(models, ctx, cfg, indices, "model")
+    rows, seconds = _run(models, ctx, cfg, indices, "model", device)
     ctx.save_table("certify", rows)
     metrics = summarize(rows, cfg.radii)
     samples = len(rows) * (cfg.n0 + cfg.n) * len(models)
@@ -184,10 +226,8 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
                     "noise_samples_per_second": samples / max(seconds, 1e-9)})
     curves = {"this model": rows}
     if cfg.reference:
-        ref = _prepare(_load(cfg.reference, "reference"), cfg, device)
-        if cfg.method == "drs":
-            raise InputError("a reference model is supported for method rs only", "drop reference or use rs")
-        ref_rows, _ = _run((ref,), ctx, cfg, indices, "reference")
+        ref = _prepare(_load(cfg.reference, "reference"), cfg, ctx.device)
+        ref_rows, _ = _run((ref,), ctx, cfg, indices, "reference", ctx.device)
         ctx.save_table("certify_reference", ref_rows)
         metrics.update(summarize(ref_rows, cfg.radii, "reference_"))
         metrics["acr_lost"] = metrics["reference_acr"] - metrics["acr"]

@@ -34,10 +34,17 @@ def test_certify_the_quantized_model_against_its_fp32_input(workdir):
     cfg = validate(PipelineConfig, {
         "name": "c", "model": "zoo:digits_cnn", "data": {"source": "digits", "calib_size": 128},
         "stages": [{"train": {"epochs": 8, "batch_size": 64, "lr": 0.05, "noise_sigma": 0.25}},
-                   {"quantize": {"weight_bits": 8, "act_bits": 8, "method": "rtn", "export_onnx": False}},
+                   {"quantize": {"weight_bits": 8, "act_bits": 8, "method": "rtn"}},
                    {"certify": {"sigma": 0.25, "n0": 20, "n": 400, "alpha": 0.01, "num_images": 12, "batch_size": 200,
-                                "reference": str(workdir / "c" / "train" / "model")}}]}, "test")
-    m = Pipeline(cfg, workdir, show_progress=False).run().stages[2].metrics
+                                "reference": str(workdir / "c" / "train" / "model")}},
+                   {"certify": {"sigma": 0.25, "n0": 20, "n": 400, "alpha": 0.01, "num_images": 12, "batch_size": 200,
+                                "onnx": str(workdir / "c" / "quantize" / "model.onnx")}, "id": "certify-onnx"}]},
+                   "test")
+    stages = Pipeline(cfg, workdir, show_progress=False).run().stages
+    m, shipped = stages[2].metrics, stages[3].metrics
+    # the exported file, certified in ONNX Runtime with the same noise, certifies like the PyTorch model
+    assert shipped["certified_acc_r0"] == pytest.approx(m["certified_acc_r0"], abs=1 / 12 + 1e-9)
+    assert shipped["acr"] == pytest.approx(m["acr"], abs=0.05)
     out = workdir / "c" / "certify"
     rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(open(out / "certify.csv"))]
     assert len(rows) == 12 and (out / "certified_accuracy.png").is_file() and (out / "certify_reference.csv").is_file()
@@ -88,3 +95,16 @@ def test_options_are_checked():
         validate(CertifyConfig, {"model_right": "x"}, "certify")
     with pytest.raises(InputError, match="shard must be i/k"):
         validate(CertifyConfig, {"shard": "half"}, "certify")
+
+
+def test_autocast_wrapper_keeps_float32_at_the_boundary():
+    import torch
+
+    from deploypipe.stages.certify.stage import _Autocast
+    from deploypipe.zoo import digits_cnn
+
+    model = digits_cnn().eval()
+    x = torch.rand(4, 1, 8, 8)
+    out = _Autocast(model, torch.device("cpu"))(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, model(x), atol=0.1, rtol=0.1)  # bfloat16 inside: close, not equal
