@@ -37,14 +37,14 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     res = run_cli("demo", "--workdir", "store", "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = last_json(res.stdout)
-    assert [s["status"] for s in summary["stages"]] == ["ran", "ran", "ran"]
-    train, quantize, evaluate = summary["stages"]
+    assert [s["status"] for s in summary["stages"]] == ["ran", "ran", "ran", "ran"]
+    train, quantize, evaluate, certify = summary["stages"]
     assert train["metrics"]["test_top1"] > 0.9  # digits CNN, 15 epochs
     assert quantize["metrics"]["fp_top1"] == pytest.approx(train["metrics"]["test_top1"])
     assert quantize["metrics"]["test_top1"] >= train["metrics"]["test_top1"] - 0.02  # W4A4 AdaQuant
     assert evaluate["metrics"]["test_top1"] == pytest.approx(quantize["metrics"]["test_top1"])  # it got the quantized model
     client = MlflowClient(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
-    runs = check_runs(client, summary["run_id"], ["train", "quantize", "evaluate"])
+    runs = check_runs(client, summary["run_id"], ["train", "quantize", "evaluate", "certify"])
     parent = client.get_run(summary["run_id"])
     assert parent.data.params["model.spec"] == "zoo:digits_cnn" and parent.data.params["data.source"] == "digits"
     assert "pipeline.yaml" in artifact_names(client, summary["run_id"])
@@ -60,6 +60,11 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     assert {"model", "layers.csv", "layer_mse.png", "model.onnx"} <= artifact_names(client, qrun.info.run_id)
     assert quantize["metrics"]["onnx_top1_agreement"] >= 0.99
     assert ev.data.tags["deploypipe.input_model_uri"] == f"runs:/{qrun.info.run_id}/model"
+    # certify smoothed the quantized model too (the one that ships), with its CSV and plot in MLflow
+    crun = runs["certify"]
+    assert crun.data.tags["deploypipe.input_model_uri"] == f"runs:/{qrun.info.run_id}/model"
+    assert {"certify.csv", "certified_accuracy.png"} <= artifact_names(client, crun.info.run_id)
+    assert certify["metrics"]["certified_acc_r0"] >= 0.8 and certify["metrics"]["acr"] > 0
     # artifacts live next to the store, not in ./mlruns; outputs in <workdir>/<pipeline>/<stage>
     assert (tmp_path / "store" / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
     assert (tmp_path / "store" / "demo" / "train" / "model" / "model.json").is_file() and not (tmp_path / "runs").exists()
@@ -82,7 +87,7 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     assert top1_and_loss(model, data.test)[0] == pytest.approx(evaluate["metrics"]["test_top1"])
 
     again = run_cli("demo", "--workdir", "store", "--json", cwd=tmp_path)
-    assert again.returncode == 0 and [s["status"] for s in last_json(again.stdout)["stages"]] == ["skipped"] * 3
+    assert again.returncode == 0 and [s["status"] for s in last_json(again.stdout)["stages"]] == ["skipped"] * 4
 
 
 def test_http_tracking_against_a_real_server(tmp_path, mlflow_server):
