@@ -26,6 +26,8 @@ from .tensor_ops import QuantAttention
 
 
 class ExplicitMultiheadAttention(nn.Module):
+    fx_leaf = True  # traced as one call: its quantizers are inside (fx_trace.py)
+
     def __init__(self, mha: nn.MultiheadAttention, bits: Optional[int], enabled: bool = True):
         super().__init__()
         if mha.bias_k is not None or mha.add_zero_attn:

@@ -23,6 +23,7 @@ from torch import nn
 from deploypipe.progress import progress
 
 from .adaquant import AdaQuantSettings, adaquant_layer
+from .fx_trace import LeafTracer
 from .modules import QuantLayer
 from .quantizer import FP16, RANGE_METHODS
 from .tensor_ops import tensor_quantizers
@@ -34,7 +35,7 @@ def relu_followers(model: nn.Module) -> set[str]:
     import torch.fx
 
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = LeafTracer().trace(model)
     except Exception:
         return set()
     modules = dict(model.named_modules())

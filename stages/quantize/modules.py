@@ -29,12 +29,15 @@ from torch import nn
 
 from deploypipe.models import register_transform
 
+from .fx_trace import LeafTracer
 from .quantizer import FP16, export_fake_quant, fake_quant, minmax_scale, round_fp16
 
 Quantizable = Union[nn.Conv2d, nn.Linear]
 
 
 class QuantLayer(nn.Module):
+    fx_leaf = True  # traced as one call (fx_trace.py)
+
     def __init__(self, layer: Quantizable, w_bits: Optional[int], a_bits: Optional[int], a_signed: bool = True):
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
@@ -150,7 +153,7 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     import torch.fx
 
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = LeafTracer().trace(model)
     except Exception:  # data-dependent control flow etc.: leave such models unfolded
         return []
     modules = dict(model.named_modules())

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .fx_trace import trace
 from .quantizer import export_fake_quant, fake_quant
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -134,7 +135,7 @@ def insert_tensor_quantizers(model: nn.Module, input_shape: tuple[int, ...], res
     if not residual_bits and not matmul_bits:
         return model, []
     try:
-        gm = torch.fx.symbolic_trace(model)
+        gm = trace(model)
         param = next(model.parameters(), None)
         example = torch.rand(2, *input_shape, device=param.device if param is not None else "cpu")
         was_training = gm.training

@@ -179,3 +179,28 @@ def test_stage_quantizes_residual_adds_and_the_model_reloads_exactly(workdir):
     # a 1-epoch model has near-tied logits: ORT's integer kernels (bias on the int32 grid) flip a few;
     # the file's own arithmetic (Q/DQ as written) agrees
     assert m["onnx_exact_top1_agreement"] >= 0.99 and m["onnx_top1_agreement"] >= 0.9
+
+
+def test_torchvision_models_get_their_residual_adds_quantized():
+    """torchvision's ResNet-18 (BN folded, 8 basic blocks) and VisionTransformer (its
+    nn.MultiheadAttention rewritten and kept whole while tracing, so the encoder's residual adds are
+    still found)."""
+    import torchvision
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from deploypipe.stages.quantize.attention import convert_attention
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(num_classes=10).eval()
+    assert len(fold_batchnorm(resnet)) == 20
+    _, records = insert_tensor_quantizers(resnet, (3, 32, 32), 8, 8)
+    assert len(records) == 2 * 8 and {r["op"] for r in records} == {"add"}
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
+                            num_classes=10).eval()
+    torch.nn.init.normal_(vit.heads.head.weight)  # torchvision starts the head at zero: make the output informative
+    x = torch.rand(2, 3, 32, 32)
+    want = vit(x)
+    assert len(convert_attention(vit, 8, enabled=False)) == 2
+    g, records = insert_tensor_quantizers(vit, (3, 32, 32), 8, 8, enabled=False)
+    assert len(records) == 2 * 2 * 2 and {r["op"] for r in records} == {"add"}  # two adds per encoder layer
+    torch.testing.assert_close(g(x), want)
