@@ -79,11 +79,15 @@ def minmax_scale(x: torch.Tensor, bits: int, signed: bool = True, axis: Optional
 
 
 def percentile_scale(x: torch.Tensor, bits: int, percentile: float = 99.99, signed: bool = True,
-                     axis: Optional[int] = None) -> torch.Tensor:
-    """Scale that clips at the given percentile of |x| (per channel along ``axis``)."""
+                     axis: Optional[int] = None, max_samples: int = 1 << 22) -> torch.Tensor:
+    """Scale that clips at the given percentile of |x| (per channel along ``axis``; estimated from
+    ``max_samples`` random elements of a larger tensor)."""
     a = x.detach().abs().float()
     flat = a.reshape(1, -1) if axis is None else a.transpose(0, axis).reshape(x.shape[axis], -1)
-    r = torch.quantile(flat, percentile / 100.0, dim=1) if flat.shape[1] <= 16_000_000 else flat.max(1).values
+    if flat.shape[1] > max_samples:  # torch.quantile has a size limit, and a seeded sample estimates it well
+        idx = torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(0))[:max_samples]
+        flat = flat[:, idx.to(flat.device)]
+    r = torch.quantile(flat, percentile / 100.0, dim=1)
     return _scale_from_range(r if axis is not None else r[0], bits, signed)
 
 
