@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--peers-only", action="store_true", help="run only the peers (and print their table)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,6 +85,11 @@ def main() -> None:
     common = ["--model", args.model, "--data", args.data, "--calib-size", str(args.calib_size)]
     results: dict = {"model": args.model, "data": args.data, "threads": args.threads, "rows": {}, "peers": {}}
 
+    if args.peers_only:
+        results["peers"] = run_peers(args, out)
+        (out / "peers.json").write_text(json.dumps(results["peers"], indent=2))
+        print(render({**results, "rows": {}}))
+        return
     print("deploypipe quantize runs:", flush=True)
     for name, w, a in SETTINGS:
         bits = ["--weight-bits", str(w), "--act-bits", str(a)]
