@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deploypipe.errors import InputError
+
 from .adaquant import AdaQuantSettings, adaquant_layer
 from .bit_allocation import Allocation
 from .calibrate import CacheStats, capture, fit_budget, relu_followers
@@ -129,8 +131,6 @@ def read_latency_table(path: str) -> dict[tuple[str, int], float]:
     """A CSV with columns ``layer,bits,ms`` (bits: 2..8, or 16 / fp16): {(layer, bits): ms}."""
     import csv
 
-    from deploypipe.errors import InputError
-
     fix = "give a CSV with header layer,bits,ms and one row per layer and candidate precision (bits 2..8 or fp16)"
     try:
         with open(path, newline="") as f:
@@ -164,8 +164,6 @@ def cost_table(kind: str, fp: nn.Module, names: list[str], candidates: list[int]
                 table[n][b] = float(macs[n] * b * (FP16 if b == FP16 else (a_bits[n] or 32)))
             elif kind == "latency":
                 if (n, b) not in latency:
-                    from deploypipe.errors import InputError
-
                     raise InputError(f"the latency table has no entry for layer {n} at {precision_label(b)}",
                                      "add a row 'layer,bits,ms' for every layer the program chooses for and every "
                                      "candidate precision")
