@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+
+# Triton kernels run in Triton's interpreter on CPU tensors (tests/kernels); it must be set before triton
+# is first imported. On a GPU machine, run with TRITON_INTERPRET=0 to test the compiled kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 import shutil
 import socket
 import subprocess

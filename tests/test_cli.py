@@ -37,14 +37,26 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     res = run_cli("demo", "--workdir", "store", "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = last_json(res.stdout)
-    assert [s["status"] for s in summary["stages"]] == ["ran", "ran", "ran", "ran"]
-    train, quantize, evaluate, certify = summary["stages"]
+    assert [s["status"] for s in summary["stages"]] == ["ran"] * 5
+    train, sparsify, quantize, evaluate, certify = summary["stages"]
     assert train["metrics"]["test_top1"] > 0.9  # digits CNN, 15 epochs
-    assert quantize["metrics"]["fp_top1"] == pytest.approx(train["metrics"]["test_top1"])
-    assert quantize["metrics"]["test_top1"] >= train["metrics"]["test_top1"] - 0.02  # W4A4 AdaQuant
+    assert sparsify["metrics"]["dense_top1"] == pytest.approx(train["metrics"]["test_top1"])
+    assert sparsify["metrics"]["test_top1"] >= train["metrics"]["test_top1"] - 0.02  # 2:4 SR-STE fine-tune
+    assert sparsify["metrics"]["sparse_layer_sparsity"] == 0.5 and sparsify["metrics"]["sparse_layers"] == 2
+    assert quantize["metrics"]["fp_top1"] == pytest.approx(sparsify["metrics"]["test_top1"])
+    assert quantize["metrics"]["test_top1"] >= train["metrics"]["test_top1"] - 0.03  # 2:4 + W4A4 AdaQuant
+    assert quantize["metrics"]["sparse_pattern_kept"] == 1.0
+    out = tmp_path / "store" / "demo"
+    for shipped in (out / "quantize" / "model", out / "quantize" / "model.onnx"):  # the pattern survives quantization
+        check = run_cli("check-sparsity", str(shipped), "--pattern", "2:4", "--json")
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert len(last_json(check.stdout)["layers"]) == 2
+    assert run_cli("check-sparsity", str(out / "train" / "model"), "--pattern", "2:4").returncode == 1  # dense
     assert evaluate["metrics"]["test_top1"] == pytest.approx(quantize["metrics"]["test_top1"])  # it got the quantized model
     client = MlflowClient(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
-    runs = check_runs(client, summary["run_id"], ["train", "quantize", "evaluate", "certify"])
+    runs = check_runs(client, summary["run_id"], ["train", "sparsify", "quantize", "evaluate", "certify"])
+    assert {"model", "layers.csv", "epochs.csv", "sparsity.png", "compressed_weights.pt"} <= \
+        artifact_names(client, runs["sparsify"].info.run_id)
     parent = client.get_run(summary["run_id"])
     assert parent.data.params["model.spec"] == "zoo:digits_cnn" and parent.data.params["data.source"] == "digits"
     assert "pipeline.yaml" in artifact_names(client, summary["run_id"])
@@ -87,7 +99,7 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     assert top1_and_loss(model, data.test)[0] == pytest.approx(evaluate["metrics"]["test_top1"])
 
     again = run_cli("demo", "--workdir", "store", "--json", cwd=tmp_path)
-    assert again.returncode == 0 and [s["status"] for s in last_json(again.stdout)["stages"]] == ["skipped"] * 4
+    assert again.returncode == 0 and [s["status"] for s in last_json(again.stdout)["stages"]] == ["skipped"] * 5
 
 
 def test_http_tracking_against_a_real_server(tmp_path, mlflow_server):

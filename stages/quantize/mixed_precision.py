@@ -50,8 +50,8 @@ def _layer_at(fp_layer: nn.Module, base: QuantLayer, bits: int, weight_range: st
     """A fresh quantized copy of the FP layer with weights at ``bits`` (inputs as in the base), or
     the layer kept in FP16 (weights and inputs)."""
     if bits == FP16:
-        return QuantLayer(copy.deepcopy(fp_layer), FP16, FP16)
-    q = QuantLayer(copy.deepcopy(fp_layer), bits, base.a_bits, base.a_signed)
+        return QuantLayer(copy.deepcopy(fp_layer), FP16, FP16, sparse=base.sparse)
+    q = QuantLayer(copy.deepcopy(fp_layer), bits, base.a_bits, base.a_signed, base.sparse)
     with torch.no_grad():
         q.weight_scale.copy_(RANGE_METHODS[weight_range](q.layer.weight, bits, axis=0))
         q.act_scale.copy_(base.act_scale)

@@ -5,15 +5,16 @@ weight per output channel (``w_bits``); ``None`` bits keep that side in floating
 (``FP16``) rounds it to half precision (a layer "kept in FP16"). When both sides are on integer
 grids the bias is rounded to the int32 accumulator grid s_x * s_w, as integer kernels hold it. The wrapped
 layer's weight and bias stay trainable parameters next to the learnable scales, which is what
-AdaQuant optimises. A zero weight stays exactly zero (symmetric grid, zero point 0), so N:M sparse
-layers stay N:M after quantization.
+AdaQuant optimises. A zero weight stays exactly zero (symmetric grid, zero point 0); a layer marked
+``sparse`` (N:M, from the sparsify stage) also keeps a mask of its zeros, so AdaQuant, BN
+re-estimation and bias tuning cannot fill them in, and stores its weights compressed.
 
 ``fold_batchnorm`` folds every BatchNorm2d that directly follows a Conv2d into that conv (found by
 torch.fx tracing; models fx cannot trace are left unfolded), as TensorRT does at build time.
 
 The transform record ``{"kind": "quantize", "params": {"attention": [names of rewritten
 nn.MultiheadAttention], "folded": [[conv, bn], ...], "layers":
-{name: {"w_bits", "a_bits", "a_signed"}}, "tensor_quant": [...], "residual_bits", "matmul_bits",
+{name: {"w_bits", "a_bits", "a_signed", "sparse" (N:M, for layers the sparsify stage made sparse)}}, "tensor_quant": [...], "residual_bits", "matmul_bits",
 "input_shape"}}`` rebuilds exactly this structure on load (the residual-add / matmul quantizers of
 tensor_ops.py are re-inserted by tracing the same architecture).
 """
@@ -38,13 +39,17 @@ Quantizable = Union[nn.Conv2d, nn.Linear]
 class QuantLayer(nn.Module):
     fx_leaf = True  # traced as one call (fx_trace.py)
 
-    def __init__(self, layer: Quantizable, w_bits: Optional[int], a_bits: Optional[int], a_signed: bool = True):
+    def __init__(self, layer: Quantizable, w_bits: Optional[int], a_bits: Optional[int], a_signed: bool = True,
+                 sparse: Optional[str] = None):
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"QuantLayer wraps Conv2d or Linear, not {type(layer).__name__}")
         self.layer = layer
         self.w_bits, self.a_bits, self.a_signed = w_bits, a_bits, a_signed
         w = layer.weight.detach()
+        # an N:M layer (from the sparsify stage): its zeros are frozen, so calibration cannot fill them in
+        self.sparse = sparse
+        self.register_buffer("weight_mask", (w != 0) if sparse else None)
         self.weight_scale = nn.Parameter(minmax_scale(w, w_bits if w_bits and w_bits != FP16 else 8, axis=0))
         self.act_scale = nn.Parameter(torch.ones((), device=w.device))  # set by calibration
 
@@ -52,6 +57,8 @@ class QuantLayer(nn.Module):
         return self._weight(self.layer.weight, self.weight_scale)
 
     def _weight(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self.weight_mask is not None:
+            w = w * self.weight_mask
         if self.w_bits == FP16:
             return round_fp16(w)
         return fake_quant(w, scale, self.w_bits, axis=0) if self.w_bits else w
@@ -112,16 +119,23 @@ class QuantLayer(nn.Module):
             return self.layer._conv_forward(x, w, self.layer.bias)
         return F.linear(x, w, self.layer.bias)
 
+    def weight_storage_bits(self) -> int:
+        """The weight at its bits (+ 32-bit per-channel scales), FP16 at 16, float at 32; an N:M
+        layer compressed: N kept values and their positions (ceil(log2 M) bits each) per M weights."""
+        per_weight = 32 if not self.w_bits else self.w_bits
+        if self.sparse:
+            n, m = map(int, self.sparse.split(":"))
+            per_weight = n * (per_weight + max(1, (m - 1).bit_length())) / m
+        scales = 32 * self.weight_scale.numel() if self.w_bits and self.w_bits != FP16 else 0
+        return round(per_weight * self.layer.weight.numel()) + scales
+
     def storage_bits(self) -> int:
-        """Deployed storage: weights at their bits (+ 32-bit per-channel scales), FP16 weights at
-        16, the bias and the input scale at 32."""
-        w = self.layer.weight.numel()
-        bits = 32 * w if not self.w_bits else self.w_bits * w + (0 if self.w_bits == FP16 else 32 * self.weight_scale.numel())
-        bits += 32 * (self.layer.bias.numel() if self.layer.bias is not None else 0)
+        """Deployed storage: the weight (``weight_storage_bits``), the bias and the input scale at 32."""
+        bits = self.weight_storage_bits() + 32 * (self.layer.bias.numel() if self.layer.bias is not None else 0)
         return bits + (32 if self.a_bits and self.a_bits != FP16 else 0)
 
     def extra_repr(self) -> str:
-        return f"w_bits={self.w_bits}, a_bits={self.a_bits}, a_signed={self.a_signed}"
+        return f"w_bits={self.w_bits}, a_bits={self.a_bits}, a_signed={self.a_signed}" + (f", sparse={self.sparse}" if self.sparse else "")
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, Quantizable]]:
@@ -196,7 +210,8 @@ def fold_batchnorm(model: nn.Module) -> list[list[str]]:
 def wrap_layers(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
     """Replace each named layer by a QuantLayer with its bits ({name: {w_bits, a_bits, a_signed}})."""
     for name, bits in plan.items():
-        replace_module(model, name, QuantLayer(_get(model, name), bits.get("w_bits"), bits.get("a_bits"), bits.get("a_signed", True)))
+        replace_module(model, name, QuantLayer(_get(model, name), bits.get("w_bits"), bits.get("a_bits"),
+                                               bits.get("a_signed", True), bits.get("sparse")))
     return model
 
 

@@ -43,7 +43,7 @@ from .mixed_precision import (assemble, cost_table, layer_macs, measure_deltas, 
 from .quantizer import FP16
 from .onnx_export import export_onnx, onnx_parity
 from .tensor_ops import insert_tensor_quantizers, set_enabled
-from .tuning import bn_affine, reestimate_bn, tune_biases
+from .tuning import bn_affine, guarded_reestimate_bn, tune_biases
 
 
 class QuantizeConfig(Schema):
@@ -75,6 +75,7 @@ class QuantizeConfig(Schema):
     max_loss: Optional[float] = Field(None, ge=0, description="with bit_candidates: max total calibration-KL increase (minimise the cost)")
     sweep: list[float] = Field([], description="with bit_candidates: more budgets (same unit as budget / avg_bits / max_latency_ms) to solve and evaluate (pareto.csv, pareto.png)")
     bn_tuning: bool = Field(False, description="re-estimate the folded BN statistics on the quantized model")
+    bn_guard: bool = Field(True, description="keep the BN re-estimation only if it lowers the calibration-set KL to the FP logits")
     bn_target: Literal["fp", "bn"] = Field("fp", description="BN re-estimation target: the FP model's measured output statistics (fp) or the BN's beta/|gamma| (bn, the paper's)")
     bias_tuning: bool = Field(False, description="train the biases towards the FP logits (KL) on the calibration set")
     bias_steps: int = Field(300, ge=1, description="bias-tuning steps")
@@ -122,13 +123,13 @@ class QuantizeConfig(Schema):
 
 
 def size_bits(model: torch.nn.Module) -> int:
-    """Storage of the parameters: quantized weights at their bits (plus their 32-bit scales), FP16
-    weights at 16, everything else at 32."""
+    """Storage of the parameters: quantized weights at their bits (plus their 32-bit scales; N:M
+    layers compressed), FP16 weights at 16, everything else at 32."""
     total = 0
     quantized = set()
     for m in model.modules():
-        if isinstance(m, QuantLayer) and m.w_bits:
-            total += m.w_bits * m.layer.weight.numel() + (32 * m.weight_scale.numel() if m.w_bits != FP16 else 0)
+        if isinstance(m, QuantLayer) and (m.w_bits or m.sparse):
+            total += m.weight_storage_bits()
             quantized.add(id(m.layer.weight))
     total += sum(32 * p.numel() for p in model.parameters() if id(p) not in quantized and p.ndim > 0)
     return total
@@ -302,6 +303,12 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
             h.remove()
         for n in chosen:
             plan[n]["a_signed"] = not nonneg[n]
+    sparse = {n: p for t in ctx.record.transforms if t.get("kind") == "sparsify" for n, p in t["params"]["layers"].items()}
+    for n in chosen:
+        if n in sparse:  # N:M from the sparsify stage: the zeros stay frozen through calibration
+            plan[n]["sparse"] = sparse[n]
+    if any("sparse" in p for p in plan.values()):
+        log(f"[{ctx.stage_id}] {sum('sparse' in p for p in plan.values())} N:M sparse layers keep their pattern")
     q = wrap_layers(copy.deepcopy(fp), plan).to(device).eval()
     set_enabled(q, True)
 
@@ -333,10 +340,14 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
         free = [n for n in chosen if n not in edge or not cfg.first_last_bits]  # layers the program chooses for
         q = _mixed_precision(ctx, cfg, fp, q, free, plan, batches, metrics)
     if cfg.bn_tuning:
-        ctx.save_table("bn_reestimation", reestimate_bn(q, affine, batches, fp if cfg.bn_target == "fp" else None))
+        bn_rows, bn = guarded_reestimate_bn(q, fp, affine, batches, cfg.bn_target, cfg.bn_guard)
+        ctx.save_table("bn_reestimation", bn_rows)
+        metrics.update(bn)
         metrics["test_top1"], metrics["test_loss"] = metrics["bn_top1"], metrics["bn_test_loss"] = \
             top1_and_loss(q, ctx.data.test, device=device)
-        log(f"[{ctx.stage_id}] + BN re-estimation: {metrics['bn_top1']:.4f}")
+        verdict = ("kept" if bn["bn_kept"] else "undone: it did not lower") + \
+            f" the calibration KL to the FP logits ({bn['bn_kl_before']:.4g} -> {bn['bn_kl_after']:.4g})"
+        log(f"[{ctx.stage_id}] + BN re-estimation: {metrics['bn_top1']:.4f} ({verdict})")
     if cfg.bias_tuning:
         def small_batches():
             return (x.to(device) for x, _ in ctx.data.calib.batches(64))
@@ -346,6 +357,12 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
             top1_and_loss(q, ctx.data.test, device=device)
         log(f"[{ctx.stage_id}] + bias tuning: {metrics['bias_top1']:.4f}")
     metrics["calibration_seconds"] = time.perf_counter() - t0
+    masked = [m for m in q.modules() if isinstance(m, QuantLayer) and m.weight_mask is not None]
+    if masked:
+        with torch.no_grad():
+            for m in masked:  # pruned weights exactly zero in the stored weight too
+                m.layer.weight.mul_(m.weight_mask)
+        metrics["sparse_pattern_kept"] = float(all(bool((m.quantized_weight()[~m.weight_mask] == 0).all()) for m in masked))
     if cfg.export_onnx:
         path = export_onnx(q, ctx.data.input_shape, ctx.out_dir / "model.onnx")
         metrics.update(onnx_parity(q, path, ctx.data.test))

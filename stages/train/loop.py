@@ -6,7 +6,7 @@ Plain functions on an nn.Module and an ImageSet; nothing here knows about pipeli
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,19 +89,24 @@ def train_epoch(model: nn.Module, data: ImageSet, optimizer: torch.optim.Optimiz
                 device: torch.device, augment: Optional[Augment] = None, label_smoothing: float = 0.0,
                 noise_sigma: float = 0.0, channels_last: bool = False, max_grad_norm: Optional[float] = None,
                 show_progress: bool = False, description: str = "train", consistency: float = 0.0,
-                copies: int = 2, entropy_weight: float = 0.5, side: Optional[int] = None) -> dict[str, float]:
+                copies: int = 2, entropy_weight: float = 0.5, side: Optional[int] = None,
+                before_step: Optional[Callable[[], None]] = None) -> dict[str, float]:
     """One pass over ``data``; returns mean loss and top-1 on the (augmented) training batches.
 
     ``noise_sigma`` > 0 adds N(0, sigma^2) noise to every [0, 1] image before the model's own
     normalisation — the training that randomized smoothing needs (Cohen et al. 2019). With
     ``consistency`` > 0 each image is seen as ``copies`` noisy versions and ``consistency_loss``
     is minimised. ``side`` (0 = left, 1 = right) trains on that half of the DRS diagonal split.
+    ``before_step`` is called before every batch's forward pass (the sparsify stage sets its
+    per-step sparsity state there).
     """
     model.train()
     total_loss, correct, n = 0.0, 0, 0
     steps = math.ceil(len(data) / batch_size)
     for x, y in progress(data.batches(batch_size, shuffle=True, generator=generator, augment=augment),
                          total=steps, description=description, enabled=show_progress):
+        if before_step is not None:
+            before_step()
         if side is not None:
             x = diagonal_split(x)[side]
         m = copies if consistency > 0 else 1

@@ -3,7 +3,6 @@ causal and padding masks, batch-first or not, returned weights), and a model bui
 nn.TransformerEncoder quantizes end to end — every projection a QuantLayer, Q/DQ on both inputs of
 the attention MatMuls in the ONNX file, ONNX Runtime parity, and an exact reload."""
 
-import copy
 
 import onnx
 import pytest

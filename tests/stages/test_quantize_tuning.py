@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from deploypipe.stages.quantize.calibrate import init_ranges
+from deploypipe.stages.quantize.mixed_precision import calibration_kl
 from deploypipe.stages.quantize.modules import QuantLayer, conv_bn_pairs, fold_batchnorm, quantizable_layers, wrap_layers
 from deploypipe.stages.quantize.quantizer import quantize_codes
-from deploypipe.stages.quantize.tuning import bn_affine, reestimate_bn, tune_biases
+from deploypipe.stages.quantize.tuning import bn_affine, guarded_reestimate_bn, reestimate_bn, tune_biases
 from deploypipe.zoo import digits_cnn
 
 
@@ -84,6 +85,30 @@ def test_bn_reestimation_with_the_fp_target_leaves_an_unquantized_model_unchange
     reestimate_bn(wrapped, affine, batches, fp)
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x), before, atol=1e-4, rtol=1e-4)
+
+
+def test_guarded_bn_reestimation_is_undone_exactly_when_it_raises_the_calibration_kl():
+    fp, q, affine, x, batches = quantized_digits_cnn()
+    with torch.no_grad():
+        before = q(x)
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    wrong = {n: (3 * g, b + 1) for n, (g, b) in affine.items()}  # a target far from the FP statistics
+    _, bn = guarded_reestimate_bn(q, fp, wrong, batches, target="bn")
+    assert bn["bn_kept"] == 0.0 and bn["bn_kl_after"] > bn["bn_kl_before"]
+    assert bn["bn_kl_before"] == pytest.approx(calibration_kl(fp, q, batches))
+    assert q.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in q.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(q(x), before)
+    # without the guard the same correction stays
+    _, bn = guarded_reestimate_bn(q, fp, wrong, batches, target="bn", guard=False)
+    assert bn["bn_kept"] == 1.0 and calibration_kl(fp, q, batches) == pytest.approx(bn["bn_kl_after"])
+
+
+def test_guarded_bn_reestimation_keeps_a_correction_that_lowers_the_kl():
+    fp, q, affine, x, batches = quantized_digits_cnn(w_bits=2, a_bits=8)
+    _, bn = guarded_reestimate_bn(q, fp, affine, batches, target="fp")
+    assert bn["bn_kl_after"] < bn["bn_kl_before"] and bn["bn_kept"] == 1.0
+    assert calibration_kl(fp, q, batches) == pytest.approx(bn["bn_kl_after"])
 
 
 def test_bias_tuning_lowers_the_kl_to_fp_logits():
