@@ -8,6 +8,7 @@ import triton.language as tl
 
 from .dispatch import check_groups, next_power_of_2
 from .nm_mask import group_block
+from .nm_mask_triton import keep_top_n
 
 
 @triton.jit
@@ -18,13 +19,7 @@ def _decayed_weight_kernel(w_ptr, out_ptr, mask_ptr, num_groups, alpha,
     valid = (g[:, None] < num_groups) & (j[None, :] < M)
     offs = g[:, None].to(tl.int64) * M + j[None, :]
     w = tl.load(w_ptr + offs, mask=valid, other=0.0)
-    a = tl.abs(w.to(tl.float32))
-    ai = a[:, :, None]
-    aj = a[:, None, :]
-    ii = j[None, :, None]
-    jj = j[None, None, :]
-    rank = tl.sum((((aj > ai) | ((aj == ai) & (jj < ii))) & (jj < M)).to(tl.int32), axis=2)
-    keep = rank < N
+    keep = keep_top_n(w, j, N, M)
     decayed = (w.to(tl.float32) * alpha).to(w.dtype)
     tl.store(out_ptr + offs, tl.where(keep, w, decayed), mask=valid)
     tl.store(mask_ptr + offs, keep.to(tl.uint8), mask=valid)

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from .dispatch import check_groups, next_power_of_2
 from .nm_mask import group_block
+from .nm_mask_triton import keep_top_n
 
 
 @triton.jit
@@ -17,13 +18,7 @@ def _nm_compress_kernel(w_ptr, values_ptr, positions_ptr, num_groups,
     j = tl.arange(0, MP)
     valid = (g[:, None] < num_groups) & (j[None, :] < M)
     w = tl.load(w_ptr + g[:, None].to(tl.int64) * M + j[None, :], mask=valid, other=0.0)
-    a = tl.abs(w.to(tl.float32))
-    ai = a[:, :, None]
-    aj = a[:, None, :]
-    ii = j[None, :, None]
-    jj = j[None, None, :]
-    rank = tl.sum((((aj > ai) | ((aj == ai) & (jj < ii))) & (jj < M)).to(tl.int32), axis=2)
-    keep = (rank < N) & valid
+    keep = keep_top_n(w, j, N, M) & valid
     order = tl.cumsum(keep.to(tl.int32), axis=1)  # 1-based order of each kept weight in its group
     gvalid = g < num_groups
     for t in tl.static_range(N):

@@ -12,20 +12,27 @@ from .dispatch import check_groups, next_power_of_2
 
 
 @triton.jit
+def keep_top_n(w, j, N: tl.constexpr, M: tl.constexpr):
+    """For a (groups, MP) tile of weights (columns j >= M are padding): True where the element is
+    among the N largest |w| of its group, ties to the lower index (its rank is below N)."""
+    a = tl.abs(w.to(tl.float32))
+    ai = a[:, :, None]
+    aj = a[:, None, :]
+    ii = j[None, :, None]
+    jj = j[None, None, :]
+    beats = ((aj > ai) | ((aj == ai) & (jj < ii))) & (jj < M)
+    return tl.sum(beats.to(tl.int32), axis=2) < N
+
+
+@triton.jit
 def _nm_mask_kernel(w_ptr, out_ptr, num_groups,
                     N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BLOCK_G: tl.constexpr):
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     j = tl.arange(0, MP)
     valid = (g[:, None] < num_groups) & (j[None, :] < M)
     offs = g[:, None].to(tl.int64) * M + j[None, :]
-    a = tl.abs(tl.load(w_ptr + offs, mask=valid, other=0.0).to(tl.float32))
-    ai = a[:, :, None]
-    aj = a[:, None, :]
-    ii = j[None, :, None]
-    jj = j[None, None, :]
-    beats = ((aj > ai) | ((aj == ai) & (jj < ii))) & (jj < M)
-    rank = tl.sum(beats.to(tl.int32), axis=2)
-    tl.store(out_ptr + offs, (rank < N).to(tl.uint8), mask=valid)
+    w = tl.load(w_ptr + offs, mask=valid, other=0.0)
+    tl.store(out_ptr + offs, keep_top_n(w, j, N, M).to(tl.uint8), mask=valid)
 
 
 def nm_mask_triton(w: torch.Tensor, n: int, m: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -50,19 +50,27 @@ def cases(tmp_path):
         "bad option value": (["train", "--model", "zoo:digits_cnn", "--epochs", "three"], "three"),
         "unknown device": (["evaluate", "--model", "zoo:digits_cnn", "--device", "tpu"], "device"),
         "ui without a store": (["ui", "--workdir", "nowhere"], "no MLflow store"),
+        "bad N:M pattern": (["sparsify", "--model", "zoo:digits_cnn", "--data", "digits", "--pattern", "4:4"], "0 < N < M"),
+        "SDGF schedule off target": (["sparsify", "--model", "zoo:digits_cnn", "--data", "digits", "--pattern", "1:8",
+                                      "--recipe", "sdgf", "--schedule", "4:8,2:8"], "must end at the target pattern 1:8"),
+        "bad decay": (["sparsify", "--model", "zoo:digits_cnn", "--data", "digits", "--decay", "cubic:1"], "is not a decay"),
+        "check-sparsity missing file": (["check-sparsity", "missing.onnx", "--pattern", "2:4"], "does not exist"),
+        "check-sparsity ONNX without pattern": (["check-sparsity", write(tmp_path, "m.onnx", "x")], "needs the pattern"),
     }
 
 
 CASE_NAMES = ["missing config", "yaml syntax", "unknown stage", "unknown key", "wrong type", "unknown top-level key",
               "missing model folder", "missing checkpoint", "checkpoint mismatch", "missing data path",
               "empty dataset folder", "empty train folder", "unreachable tracking server", "unknown CLI option",
-              "bad option value", "unknown device", "ui without a store"]
+              "bad option value", "unknown device", "ui without a store", "bad N:M pattern", "SDGF schedule off target",
+              "bad decay", "check-sparsity missing file", "check-sparsity ONNX without pattern"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_bad_input_exits_2_with_one_line(tmp_path, case):
     args, expected = cases(tmp_path)[case]
-    res = run_cli(*args, "--workdir", "runs", cwd=tmp_path) if args[0] != "ui" else run_cli(*args, cwd=tmp_path)
+    standalone = ("ui", "check-sparsity")  # commands without a work directory
+    res = run_cli(*args, "--workdir", "runs", cwd=tmp_path) if args[0] not in standalone else run_cli(*args, cwd=tmp_path)
     assert res.returncode == 2, (case, res.returncode, res.stderr[-2000:])
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, (case, res.stderr)

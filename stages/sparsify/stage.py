@@ -16,7 +16,7 @@ from typing import Literal, Optional
 import click
 import torch
 from matplotlib.figure import Figure
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from deploypipe.config import Schema
 from deploypipe.errors import InputError
@@ -35,7 +35,7 @@ from .sparse_layer import harden, set_state, wrap_sparse
 class SparsifyConfig(Schema):
     pattern: str = Field("2:4", description="target N:M pattern along the reduction dimension, e.g. 2:4, 1:8, 1:16")
     recipe: Literal["srste", "mdgf", "sdgf"] = Field("srste", description="SR-STE (baseline), mask decay (MDGF) or structure decay (SDGF)")
-    decay: str = Field("exp:2e-3", description="MDGF decay of the pruned weights' multiplier per optimizer step: exp:RATE, linear:RATE, or exp:auto / linear:auto (~0 at the end of the sparse phase)")
+    decay: str = Field("exp:auto", description="MDGF decay of the pruned weights' multiplier α per optimizer step: exp:RATE (α = exp(-RATE·t)), linear:RATE (α = max(0, 1 - RATE·t)), or exp:auto / linear:auto (α reaches 1e-3 / 0 at the end of the sparse phase, whatever the epochs); the paper's long schedules used exp:2e-3 (ResNet-50) and exp:1e-4 (ViT)")
     schedule: Optional[str] = Field(None, description="SDGF patterns over the sparse phase, ending at the target, e.g. 7:8,4:8,2:8,1:8 or 8:64,4:32,2:16,1:8; default: (M-1):M halving down to the target")
     srste_lambda: Optional[float] = Field(None, ge=0, description="λ of the SR-STE regulariser on pruned weights; default 2e-4 for srste, 0 for mdgf/sdgf")
     epochs: int = Field(10, ge=1, description="training epochs (all phases)")
@@ -68,13 +68,22 @@ class SparsifyConfig(Schema):
     def _decay(cls, v: str) -> str:
         return str(Decay.parse(v))
 
-    def recipe_for(self, total_steps: int) -> Recipe:
+    @model_validator(mode="after")
+    def _schedule(self) -> "SparsifyConfig":
+        self.patterns()  # checked before anything runs
+        return self
+
+    def patterns(self) -> tuple[Pattern, ...]:
+        """The SDGF schedule (empty for the other recipes)."""
         target = Pattern.parse(self.pattern)
-        schedule: tuple[Pattern, ...] = ()
         if self.recipe == "sdgf":
-            schedule = tuple(parse_schedule(self.schedule, target) if self.schedule else default_schedule(target))
-        elif self.schedule:
+            return tuple(parse_schedule(self.schedule, target) if self.schedule else default_schedule(target))
+        if self.schedule:
             raise InputError(f"--schedule is for the sdgf recipe, not {self.recipe}", "add --recipe sdgf or drop --schedule")
+        return ()
+
+    def recipe_for(self, total_steps: int) -> Recipe:
+        target, schedule = Pattern.parse(self.pattern), self.patterns()
         lam = self.srste_lambda if self.srste_lambda is not None else (SRSTE_LAMBDA if self.recipe == "srste" else 0.0)
         return Recipe(self.recipe, target, total_steps, self.dense_fraction, self.sparse_fraction,
                       Decay.parse(self.decay), schedule, lam)
