@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import next_power_of_2
 from .nm_matmul import _check
 
 
@@ -41,7 +42,10 @@ def _nm_matmul_kernel(x_ptr, values_ptr, positions_ptr, bias_ptr, y_ptr, B, R, G
 
 def nm_matmul_triton(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
                      bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
-                     block_b: int = 16, block_r: int = 64, block_k: int = 64) -> torch.Tensor:
+                     block_b: Optional[int] = None, block_r: Optional[int] = None, block_k: int = 64) -> torch.Tensor:
+    """Tiles: batch rows per program (16 at small batch, up to 128), output rows per program (32 at
+    small batch — more programs to keep the memory system busy when reading weights is the whole
+    cost — else 64), and 64 weight columns per step."""
     rows, kept = values.shape
     if kept % n or m & (m - 1):
         raise ValueError(f"compressed weight {tuple(values.shape)} does not fit {n}:{m} with M a power of two")
@@ -51,6 +55,8 @@ def nm_matmul_triton(x: torch.Tensor, values: torch.Tensor, positions: torch.Ten
     x2 = x.reshape(-1, groups * m).contiguous()
     batch = x2.shape[0]
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device) if out is None else out.view(batch, rows)
+    block_b = block_b or min(128, max(16, next_power_of_2(batch)))
+    block_r = block_r or (32 if batch <= 16 else 64)
     block_g = max(1, block_k // m)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(batch, block_b))
     _nm_matmul_kernel[grid](x2, values.contiguous(), positions.contiguous(), bias if bias is not None else values,
