@@ -151,17 +151,21 @@ def read_latency_table(path: str) -> dict[tuple[str, int], float]:
 
 def cost_table(kind: str, fp: nn.Module, names: list[str], candidates: list[int], a_bits: dict[str, Optional[int]],
                macs: Optional[dict[str, int]] = None, latency: Optional[dict[tuple[str, int], float]] = None,
-               ) -> dict[str, dict[int, float]]:
+               sparse: Optional[dict[str, str]] = None) -> dict[str, dict[int, float]]:
     """{layer: {precision: cost}} for ``kind`` size | bops | latency (see the module docstring);
-    ``a_bits`` are each layer's input bits (None = float, counted as 32)."""
+    ``a_bits`` are each layer's input bits (None = float, counted as 32). An N:M layer (``sparse``:
+    {layer: "N:M"}) stores N values and their positions (ceil(log2 M) bits) per M weights, and
+    multiplies only its N kept weights of every M."""
     table: dict[str, dict[int, float]] = {}
     for n in names:
         table[n] = {}
+        keep, m = map(int, (sparse or {}).get(n, "1:1").split(":"))
+        position_bits = max(1, (m - 1).bit_length()) if m > 1 else 0
         for b in candidates:
             if kind == "size":
-                table[n][b] = float(b * fp.get_submodule(n).weight.numel())
+                table[n][b] = float(keep * (b + position_bits) / m * fp.get_submodule(n).weight.numel())
             elif kind == "bops":
-                table[n][b] = float(macs[n] * b * (FP16 if b == FP16 else (a_bits[n] or 32)))
+                table[n][b] = float(keep / m * macs[n] * b * (FP16 if b == FP16 else (a_bits[n] or 32)))
             elif kind == "latency":
                 if (n, b) not in latency:
                     raise InputError(f"the latency table has no entry for layer {n} at {precision_label(b)}",

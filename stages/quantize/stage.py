@@ -189,7 +189,8 @@ def _mixed_precision(ctx: StageContext, cfg: QuantizeConfig, fp, q, names: list[
     params = {n: fp.get_submodule(n).weight.numel() for n in names}
     macs = layer_macs(fp, [n for n, _ in quantizable_layers(fp)], ctx.data.input_shape)
     latency = read_latency_table(cfg.latency_table) if cfg.cost == "latency" else None
-    cost = cost_table(cfg.cost, fp, names, candidates, {n: plan[n]["a_bits"] for n in names}, macs, latency)
+    cost = cost_table(cfg.cost, fp, names, candidates, {n: plan[n]["a_bits"] for n in names}, macs, latency,
+                      {n: plan[n]["sparse"] for n in names if "sparse" in plan[n]})
     top = max(b for b in candidates if b != FP16)  # q has every program layer at this precision
     if cfg.cost == "size":
         reference, fixed = size_bits(fp), size_bits(q) - sum(cost[n][top] for n in names)

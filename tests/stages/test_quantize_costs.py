@@ -14,7 +14,7 @@ from deploypipe.errors import InputError
 from deploypipe.evaluation import top1_and_loss
 from deploypipe.models import load_model
 from deploypipe.pipeline import Pipeline
-from deploypipe.stages.quantize.mixed_precision import layer_macs, model_bops, read_latency_table
+from deploypipe.stages.quantize.mixed_precision import cost_table, layer_macs, model_bops, read_latency_table
 from deploypipe.stages.quantize.modules import QuantLayer, wrap_layers
 from deploypipe.stages.quantize.quantizer import FP16
 from deploypipe.stages.quantize.stage import QuantizeConfig
@@ -35,6 +35,18 @@ def test_macs_and_bops_by_hand():
                             "4": {"w_bits": FP16, "a_bits": FP16}})
     assert model_bops(q, macs) == 64 * macs["0"] + 24 * macs["2"] + 256 * macs["4"]
     assert layer_macs(q, ["0", "2", "4"], (1, 8, 8)) == macs  # the same through the wrappers
+
+
+def test_costs_of_an_n_m_sparse_layer_count_the_compressed_weights():
+    model = tiny()
+    macs = layer_macs(model, ["0", "2", "4"], (1, 8, 8))
+    a_bits = {"0": 8, "2": 8, "4": 8}
+    dense = cost_table("size", model, ["0", "4"], [4, 8], a_bits)
+    sparse = cost_table("size", model, ["0", "4"], [4, 8], a_bits, sparse={"4": "1:8"})
+    assert sparse["0"] == dense["0"] == {4: 4.0 * 36, 8: 8.0 * 36}
+    assert sparse["4"] == {4: (4 + 3) / 8 * 540, 8: (8 + 3) / 8 * 540}  # 1 value + a 3-bit position per 8 weights
+    bops = cost_table("bops", model, ["4"], [4], a_bits, macs, sparse={"4": "2:4"})
+    assert bops["4"][4] == 0.5 * macs["4"] * 4 * 8
 
 
 def test_fp16_layer_rounds_weights_and_inputs_to_half_precision():
