@@ -44,7 +44,8 @@ def main() -> None:
     models = [("ResNet-20", args.model, ["--lr", str(args.lr)])]
     if args.vit:
         models.append(("ViT (patch 4)", args.vit, ["--optimizer", "adamw", "--lr", str(args.vit_lr), "--weight-decay", "0.05"]))
-    results = {"data": args.data, "epochs": args.epochs, "decay": args.decay, "threads": args.threads, "rows": []}
+    results = {"data": args.data, "epochs": args.epochs, "decay": args.decay, "threads": args.threads,
+               "extra": args.extra, "rows": []}
     for name, path, opts in models:
         for pattern in args.patterns.split(","):
             row = {"model": name, "pattern": pattern}
@@ -70,8 +71,8 @@ def pct(x) -> str:
 
 
 def render(r: dict) -> str:
-    lines = [f"data `{r['data']}`, {r['epochs']} epochs per run, MDGF decay {r['decay']}, {r['threads']} CPU threads; "
-             "test top-1 (%) on the 10,000 test images", "",
+    lines = [f"data `{r['data']}`{' ' + r['extra'] if r.get('extra') else ''}, {r['epochs']} epochs per run, "
+             f"MDGF decay {r['decay']}, {r['threads']} CPU threads; test top-1 (%) on the 10,000 test images", "",
              "| model | pattern | dense | pruned, no training | SR-STE | MDGF | SDGF | best PGF − SR-STE | s per run |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
