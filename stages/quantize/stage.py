@@ -324,7 +324,9 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
             f"({cfg.residual_bits} / {cfg.matmul_bits} bits)")
     fp_top1, fp_loss = top1_and_loss(fp, ctx.data.test, device=device)
     rtn_top1, rtn_loss = top1_and_loss(q, ctx.data.test, device=device)
-    log(f"[{ctx.stage_id}] FP top-1 {fp_top1:.4f}; round-to-nearest W{cfg.weight_bits}A{cfg.act_bits or '-float'}: {rtn_top1:.4f}")
+    base_bits = max(b for b in cfg.bit_candidates if b != FP16) if cfg.bit_candidates else cfg.weight_bits
+    log(f"[{ctx.stage_id}] FP top-1 {fp_top1:.4f}; round-to-nearest W{base_bits}A{cfg.act_bits or '-float'}"
+        f"{' (the base of the bit allocation)' if cfg.bit_candidates else ''}: {rtn_top1:.4f}")
     metrics = {"fp_top1": fp_top1, "rtn_top1": rtn_top1, "fp_test_loss": fp_loss, "rtn_test_loss": rtn_loss}
     rows = []
     if cfg.method == "adaquant":
