@@ -35,8 +35,8 @@ def use_triton(tensor: torch.Tensor, backend: Backend = "auto") -> bool:
     """True when this call should run the Triton kernel on ``tensor``'s device."""
     if backend == "reference":
         return False
-    if backend == "auto":
-        return tensor.is_cuda and triton_available()
+    if backend == "auto":  # float64 stays with the references (the kernels compute in float32)
+        return tensor.is_cuda and tensor.dtype != torch.float64 and triton_available()
     if backend == "triton":
         if not (triton_available() and (tensor.is_cuda or interpreter_requested())):
             why = ("triton is not installed" if not triton_available() else

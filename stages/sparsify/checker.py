@@ -50,6 +50,10 @@ def check_model(model: nn.Module, patterns: dict[str, Pattern]) -> list[dict]:
             raise InputError(f"the model has no layer '{name}' to check",
                              "check the layer names (deploypipe check-sparsity lists the eligible ones)") from None
         w = effective_weight(layer)
+        run = w.shape[1]  # input channels of a conv, in_features of a linear
+        if run % pattern.m:
+            raise InputError(f"layer '{name}' has {run} inputs per group run, not a multiple of M={pattern.m}",
+                             "check it with a pattern whose M divides it, or leave it out with --layers")
         rows.append(_row(name, reduction_view(w), tuple(w.shape), pattern))
     return rows
 
@@ -79,14 +83,19 @@ def eligible_model_layers(model: nn.Module, pattern: Pattern, include: Iterable[
 
 
 # --------------------------------------------------------------------------- ONNX
-def onnx_weights(path: Path) -> list[tuple[str, np.ndarray]]:
-    """(initializer name, (out, K) reduction matrix) for every Conv / Gemm / MatMul weight, in graph order.
+def onnx_weights(path: Path) -> list[tuple[str, torch.Tensor, int]]:
+    """(initializer name, (out, K) reduction matrix, length of a run of consecutive inputs — a conv's
+    input channels, else K) for every Conv / Gemm / MatMul weight, in graph order.
     A Q/DQ weight is read from its stored initializer: zero point 0 maps zero to zero, so the stored
     and the effective weight have the same zeros."""
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
+    try:
+        model = onnx.load(str(path))
+    except Exception as err:  # noqa: BLE001 - any parse failure: not a readable ONNX file
+        raise InputError(f"'{path}' is not a readable ONNX file ({type(err).__name__})",
+                         "give the .onnx file an export wrote") from None
     inits = {t.name: t for t in model.graph.initializer}
     producers = {o: node for node in model.graph.node for o in node.output}
     out = []
@@ -102,15 +111,17 @@ def onnx_weights(path: Path) -> list[tuple[str, np.ndarray]]:
             continue
         w = torch.from_numpy(numpy_helper.to_array(inits[name]).astype(np.float32))
         if node.op_type == "Conv" and w.dim() == 4:
-            matrix = reduction_view(w)
+            matrix, run = reduction_view(w), w.shape[1]
         elif node.op_type == "Gemm" and w.dim() == 2:
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             matrix = w if trans_b else w.T
+            run = matrix.shape[1]
         elif node.op_type == "MatMul" and w.dim() == 2:
             matrix = w.T  # x @ W with W (K, out)
+            run = matrix.shape[1]
         else:
             continue
-        out.append((name, matrix.contiguous()))
+        out.append((name, matrix.contiguous(), run))
     return out
 
 
@@ -119,8 +130,8 @@ def check_onnx(path: Path, pattern: Pattern, include: Iterable[str] = ("*",), ke
     if keep_first_last:
         weights = weights[1:-1]
     include = list(include)
-    return [_row(name, matrix, tuple(matrix.shape), pattern) for name, matrix in weights
-            if any(fnmatch.fnmatchcase(name, p) for p in include) and matrix.shape[1] % pattern.m == 0]
+    return [_row(name, matrix, tuple(matrix.shape), pattern) for name, matrix, run in weights
+            if any(fnmatch.fnmatchcase(name, p) for p in include) and run % pattern.m == 0]
 
 
 def check_path(path: str | Path, pattern: Optional[Pattern], include: Iterable[str] = ("*",)) -> list[dict]:

@@ -37,6 +37,9 @@ class Pattern:
         n, m = int(match[1]), int(match[2])
         if not 0 < n < m:
             raise InputError(f"pattern {n}:{m} needs 0 < N < M", "e.g. 2:4, 1:4, 2:8, 1:8, 1:16, 1:32")
+        if m > 128:
+            raise InputError(f"pattern {n}:{m}: M above 128 is not supported (positions are stored in a byte)",
+                             "use M <= 128, e.g. 1:32 or 1:64")
         return cls(n, m)
 
     @property
@@ -70,9 +73,12 @@ def group_size_along_reduction(layer: nn.Module) -> int:
 
 
 def sparsifiable_layers(model: nn.Module) -> list[tuple[str, Sparsifiable]]:
-    """Every Linear and (ungrouped) Conv2d, in module order."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)]
+    """Every Linear and (ungrouped) Conv2d, in module order — except the output projection inside an
+    nn.MultiheadAttention, whose forward reads that weight directly instead of calling the layer."""
+    inside_attention = {f"{n}.{c}" if n else c for n, m in model.named_modules()
+                        if isinstance(m, nn.MultiheadAttention) for c, _ in m.named_children()}
+    return [(n, m) for n, m in model.named_modules() if n not in inside_attention
+            and (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1))]
 
 
 def select_sparse_layers(model: nn.Module, ms: Iterable[int], include: Iterable[str] = ("*",),

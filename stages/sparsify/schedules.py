@@ -38,13 +38,13 @@ class Decay:
             rate = None if not match or match[2] == "auto" else float(match[2])
         except ValueError:
             match = None
-        if not match or (rate is not None and rate <= 0):
+        if not match or (rate is not None and not 0 < rate < math.inf):
             raise InputError(f"'{text}' is not a decay", "write exp:RATE or linear:RATE (per optimizer step, > 0), "
                              "e.g. exp:2e-3, linear:8e-4, or exp:auto")
         return cls(match[1], rate)
 
     def resolved(self, sparse_steps: int) -> "Decay":
-        """"auto": exp reaches α = 1e-3, linear reaches 0, at the last step of the sparse phase."""
+        """"auto": exp reaches α = 1e-3, linear reaches 0, by the first fine-tune step."""
         if self.rate is not None:
             return self
         steps = max(1, sparse_steps)

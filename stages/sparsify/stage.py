@@ -21,6 +21,7 @@ from pydantic import Field, field_validator, model_validator
 from deploypipe.config import Schema
 from deploypipe.errors import InputError
 from deploypipe.evaluation import top1_and_loss
+from deploypipe.kernels.dispatch import interpreter_requested
 from deploypipe.kernels.nm_compress import nm_compress, nm_decompress, pack_positions, packed_index_bits
 from deploypipe.progress import log
 from deploypipe.stage import StageContext, StageResult, register, register_command
@@ -175,6 +176,9 @@ register_command(check_sparsity)
 @register("sparsify", help="N:M structured sparsity by training: SR-STE, mask decay (MDGF), structure decay (SDGF)")
 def run(ctx: StageContext, cfg: SparsifyConfig) -> StageResult:
     model, data, device = ctx.model, ctx.data, ctx.device
+    if cfg.kernels == "triton" and device.type != "cuda" and not interpreter_requested():
+        raise InputError("--kernels triton on CPU runs Triton's interpreter, which needs TRITON_INTERPRET=1 "
+                         "in the environment", "set TRITON_INTERPRET=1 (slow), or use --kernels auto on CPU")
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     recipe = cfg.recipe_for(total)

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from deploypipe.kernels.dispatch import check_groups, use_triton
+from deploypipe.kernels.dispatch import check_groups, triton_available, use_triton
 from deploypipe.kernels.effective_weight import (decayed_weight_reference, nm_weight, srste_grad_reference)
 from deploypipe.kernels.nm_compress import (nm_compress_reference, nm_decompress, pack_positions, packed_index_bits,
                                             unpack_positions)
@@ -21,8 +21,8 @@ from deploypipe.kernels.semi_structured import meta_layout_index, semi_structure
 PATTERNS = [(2, 4), (1, 4), (2, 8), (1, 8), (1, 16), (1, 32), (3, 8), (2, 6)]
 DTYPES = [torch.float32, torch.float16]
 interpreted = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 set before triton is imported")
+    not triton_available() or (os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available()),
+    reason="Triton kernels need triton, and a GPU or TRITON_INTERPRET=1 set before triton is imported")
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
@@ -228,7 +228,7 @@ def test_triton_matmul_matches_reference(n, m, dtype, batch):
 
 @interpreted
 def test_triton_backend_dispatches_and_nm_weight_runs_it():
-    w = random_weight(16, 32).requires_grad_()
+    w = random_weight(16, 32).to(DEVICE).requires_grad_()
     assert use_triton(w, "triton") and not use_triton(w, "reference")
     a, _ = nm_weight(w, 2, 4, 0.2, 1e-3, backend="triton")
     b, _ = nm_weight(w, 2, 4, 0.2, 1e-3, backend="reference")

@@ -161,7 +161,7 @@ def test_checker_reads_onnx_weights(tmp_path):
     torch.onnx.export(model, (torch.rand(1, 3, 4, 4),), str(path), opset_version=17, dynamo=False)
     rows = check_onnx(path, Pattern(2, 4))
     assert len(rows) == 3 and all(r["ok"] for r in rows)
-    assert not all(r["ok"] for r in check_onnx(path, Pattern(2, 4), keep_first_last=False))  # the dense first conv
+    assert not all(r["ok"] for r in check_onnx(path, Pattern(2, 4), keep_first_last=False))  # the dense last Linear
 
 
 def test_quantize_keeps_the_pattern_through_adaquant():
@@ -188,3 +188,38 @@ def test_quantize_keeps_the_pattern_through_adaquant():
     fc = q.get_submodule("6")  # stored compressed: 2 x (4 value bits + 2 position bits) per 4 weights, + scales
     assert fc.weight_storage_bits() == 3 * fc.layer.weight.numel() + 32 * fc.layer.out_features
     assert q.get_submodule("8").weight_storage_bits() == 4 * 24 * 5 + 32 * 5
+
+
+def test_attention_out_projection_is_left_alone_and_a_transformer_layer_trains_sparse():
+    from deploypipe.stages.sparsify.patterns import sparsifiable_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+                          nn.Linear(16, 3))
+    names = [n for n, _ in sparsifiable_layers(model)]
+    assert "1.self_attn.out_proj" not in names and {"1.linear1", "1.linear2"} <= set(names)
+    chosen, _ = select_sparse_layers(model, {4})
+    wrapped = wrap_sparse(model, chosen)
+    set_state(wrapped, Recipe("srste", Pattern(2, 4), 1, lam=2e-4).state(0))
+    model(torch.randn(2, 5, 8)).sum().backward()  # MHA reads out_proj.weight directly: it must stay an nn.Linear
+    harden(model, wrapped, Pattern(2, 4))
+    assert all(r["ok"] for r in check_model(model, {n: Pattern(2, 4) for n in chosen}))
+
+
+def test_limits_of_patterns_decays_and_the_checker():
+    with pytest.raises(InputError, match="above 128"):
+        Pattern.parse("1:256")
+    with pytest.raises(InputError):
+        Decay.parse("exp:1e400")
+    model = _model()
+    with pytest.raises(InputError, match="not a multiple of M=16"):
+        check_model(model, {"2": Pattern(1, 16)})  # 8 input channels
+
+
+def test_onnx_checker_groups_conv_weights_by_input_channels(tmp_path):
+    patchify = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Flatten(), nn.Linear(8, 4), nn.Linear(4, 2)).eval()
+    path = tmp_path / "p.onnx"
+    torch.onnx.export(patchify, (torch.rand(1, 3, 4, 4),), str(path), opset_version=17, dynamo=False)
+    # the 4x4 patch conv has 48 weights per row (a multiple of 4) but only 3 input channels: not eligible
+    names = [r["layer"] for r in check_onnx(path, Pattern(2, 4), keep_first_last=False)]
+    assert len(names) == 2 and not any("0" == n.split(".")[0] for n in names)
