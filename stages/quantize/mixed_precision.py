@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deploypipe.errors import InputError
+from deploypipe.kernels.nm_compress import packed_index_bits
 
 from .adaquant import AdaQuantSettings, adaquant_layer
 from .bit_allocation import Allocation
@@ -159,11 +160,12 @@ def cost_table(kind: str, fp: nn.Module, names: list[str], candidates: list[int]
     table: dict[str, dict[int, float]] = {}
     for n in names:
         table[n] = {}
-        keep, m = map(int, (sparse or {}).get(n, "1:1").split(":"))
-        position_bits = max(1, (m - 1).bit_length()) if m > 1 else 0
+        pattern = (sparse or {}).get(n)
+        keep, m = map(int, pattern.split(":")) if pattern else (1, 1)
         for b in candidates:
             if kind == "size":
-                table[n][b] = float(keep * (b + position_bits) / m * fp.get_submodule(n).weight.numel())
+                bits = packed_index_bits(keep, m, b) if pattern else b
+                table[n][b] = float(bits * fp.get_submodule(n).weight.numel())
             elif kind == "bops":
                 table[n][b] = float(keep / m * macs[n] * b * (FP16 if b == FP16 else (a_bits[n] or 32)))
             elif kind == "latency":

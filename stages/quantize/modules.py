@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deploypipe.kernels.nm_compress import packed_index_bits
 from deploypipe.models import register_transform
 
 from .fx_trace import LeafTracer
@@ -124,8 +125,7 @@ class QuantLayer(nn.Module):
         layer compressed: N kept values and their positions (ceil(log2 M) bits each) per M weights."""
         per_weight = 32 if not self.w_bits else self.w_bits
         if self.sparse:
-            n, m = map(int, self.sparse.split(":"))
-            per_weight = n * (per_weight + max(1, (m - 1).bit_length())) / m
+            per_weight = packed_index_bits(*map(int, self.sparse.split(":")), per_weight)
         scales = 32 * self.weight_scale.numel() if self.w_bits and self.w_bits != FP16 else 0
         return round(per_weight * self.layer.weight.numel()) + scales
 

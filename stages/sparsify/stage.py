@@ -115,9 +115,9 @@ def _plots(history: list[dict], steps: list[dict], table: list[dict], skipped: l
     tested = [h for h in history if "test_top1" in h]
     b.plot([h["epoch"] for h in tested], [100 * h["test_top1"] for h in tested], "o-", label="test")
     b.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
-    names = [r["layer"] for r in table] + [r["layer"] for r in skipped if "first or last" in r["reason"] or "multiple" in r["reason"]]
-    values = [100 * r["sparsity"] for r in table] + [0.0] * (len(names) - len(table))
-    c.barh(range(len(names)), values, color=["tab:blue"] * len(table) + ["tab:gray"] * (len(names) - len(table)))
+    names = [r["layer"] for r in table + skipped]
+    values = [100 * r["sparsity"] for r in table] + [0.0] * len(skipped)
+    c.barh(range(len(names)), values, color=["tab:blue"] * len(table) + ["tab:gray"] * len(skipped))
     c.set_yticks(range(len(names)), names, fontsize=6)
     c.invert_yaxis()
     c.set(xlabel="zeros (%)", title="per-layer sparsity (gray: kept dense)", xlim=(0, 100))
@@ -258,11 +258,10 @@ def run(ctx: StageContext, cfg: SparsifyConfig) -> StageResult:
     ctx.save_figure(_plots(history, trace, table, skipped), "sparsity")
     compressed, sizes = _compress(model, names, target)
     torch.save(compressed, ctx.out_dir / "compressed_weights.pt")
-    total_params = sum(p.numel() for p in model.parameters())
-    zeros = sum(int((model.get_submodule(n).weight == 0).sum()) for n in names)
+    zeros = sum(r["params"] - r["nonzero"] for r in table)
     metrics.update(sizes)
     metrics.update({"sparse_layers": float(len(names)), "dense_layers": float(len(skipped)),
-                    "sparse_layer_sparsity": zeros / sum(model.get_submodule(n).weight.numel() for n in names),
-                    "model_sparsity": zeros / total_params, "top1_change": metrics["test_top1"] - metrics["dense_top1"]})
+                    "sparse_layer_sparsity": zeros / sum(r["params"] for r in table),
+                    "model_sparsity": zeros / sum(p.numel() for p in model.parameters()), "top1_change": metrics["test_top1"] - metrics["dense_top1"]})
     record = ctx.record.with_transform("sparsify", TRANSFORM_MODULE, {"layers": {n: str(target) for n in names}})
     return StageResult(model=model, record=record, metrics=metrics)
