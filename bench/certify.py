@@ -1,117 +1,130 @@
-"""Randomized-smoothing certification throughput: deploypipe's certify against the published reference
-implementation's algorithm (Cohen et al. 2019, ``code/core.py`` of github.com/locuslab/smoothing), on
-the same model, images, n, n0, alpha and batch size.
+"""Certified accuracy on CIFAR-10: randomized smoothing (RS) against dual randomized smoothing (DRS)
+at matched noise, ResNet-20 base classifiers trained with Gaussian noise.
 
-The reference is imported from the path given with ``--core`` (a checkout's ``code/`` folder), never
-copied here. Two adaptations let it run on a machine without a GPU and with today's libraries, both
-outside its file: its ``torch.randn_like(..., device='cuda')`` draws on the batch's own device when
-CUDA is absent, and ``scipy.stats.binom_test`` (removed from SciPy) / statsmodels' Clopper-Pearson
-interval are provided from ``scipy.stats.binomtest`` / the Beta quantile when missing. Its algorithm —
-batching, counting, the bound — is untouched.
+From one dense CIFAR ResNet-20 (a train stage's model folder) the script fine-tunes, with the same
+epochs, learning rate, data order and seed, an RS base classifier per sigma (default 0.25 and 0.5)
+and a left and a right DRS base classifier per DRS sigma (default 0.18 and 0.36 = RS sigma / sqrt(2),
+the matched levels of Xia et al.), then certifies each on the same test images (every 20th: 500)
+with n0 = 100, n = 10,000, alpha = 0.001. Every step is one ``python -m deploypipe train|certify ...
+--json`` subprocess, exactly as a user runs it (wall time and peak RSS read with wait4); finished
+steps are read back when the script is rerun. The table (certified accuracy at radii 0 .. 1.5, ACR,
+clean accuracy of the base classifiers, seconds per image) goes to stdout and to
+``--out``/results.md and results.json, the curves of all rows to ``--out``/certified_accuracy.png.
 
-Reports noise samples per second and seconds per image for each implementation and configuration,
-the speed-up, and whether predictions and radii agree (within Monte-Carlo error: different noise).
-
-    python bench/certify.py --model runs/r20/train/model --core ../smoothing/code --n 100000 --images 3
+    python bench/certify.py --dense runs/resnet20/train/model --data imagefolder:../shared/data/cifar10
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import csv
+import json
+import math
 import sys
-import time
-import types
 from pathlib import Path
 
-import torch
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from runner import run_deploypipe  # noqa: E402 (after the path insert)
 
-
-def load_reference(code_dir: Path, device: torch.device):
-    """Cohen et al.'s ``Smooth`` class from their core.py, with the two run-time adaptations above."""
-    import scipy.stats
-
-    if not hasattr(scipy.stats, "binom_test"):
-        scipy.stats.binom_test = lambda k, n, p=0.5: scipy.stats.binomtest(int(k), int(n), p).pvalue
-    try:
-        importlib.import_module("statsmodels.stats.proportion")
-    except ImportError:
-        def proportion_confint(count, nobs, alpha=0.05, method="beta"):
-            lo = scipy.stats.beta.ppf(alpha / 2, count, nobs - count + 1) if count > 0 else 0.0
-            hi = scipy.stats.beta.ppf(1 - alpha / 2, count + 1, nobs - count) if count < nobs else 1.0
-            return lo, hi
-
-        for name in ("statsmodels", "statsmodels.stats", "statsmodels.stats.proportion"):
-            sys.modules.setdefault(name, types.ModuleType(name))
-        sys.modules["statsmodels.stats.proportion"].proportion_confint = proportion_confint
-    sys.path.insert(0, str(code_dir))
-    core = importlib.import_module("core")
-    if device.type != "cuda":
-        proxy = types.ModuleType("torch_on_device")
-        proxy.__dict__.update(torch.__dict__)
-        proxy.randn_like = lambda t, device=None, **kw: torch.randn_like(t, **kw)
-        core.torch = proxy
-    return core.Smooth
+RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="a saved model/ folder (ideally noise-trained)")
-    ap.add_argument("--core", required=True, help="the reference checkout's code/ folder (holds core.py)")
+    ap.add_argument("--dense", required=True, help="dense CIFAR ResNet-20 model folder to fine-tune with noise")
     ap.add_argument("--data", default="imagefolder:../shared/data/cifar10")
-    ap.add_argument("--sigma", type=float, default=0.25)
+    ap.add_argument("--rs-sigmas", default="0.25,0.5")
+    ap.add_argument("--drs-sigmas", default="0.18,0.36")
+    ap.add_argument("--epochs", type=int, default=4, help="noise fine-tuning epochs per base classifier")
+    ap.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine), SGD")
+    ap.add_argument("--consistency", type=float, default=0.0, help="consistency regulariser weight (0 = Gaussian augmentation only)")
+    ap.add_argument("--every", type=int, default=20, help="certify every k-th test image")
+    ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--n0", type=int, default=100)
-    ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--alpha", type=float, default=0.001)
     ap.add_argument("--batch-size", type=int, default=1000)
-    ap.add_argument("--images", type=int, default=3, help="test images (every 20th)")
+    ap.add_argument("--autocast", action="store_true", help="certify with the base classifier under autocast (bfloat16 on CPU)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default="runs/bench-certify")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
 
-    from deploypipe.config import DataSpec
-    from deploypipe.data import load_data
-    from deploypipe.models import load_model
-    from deploypipe.stages.certify.smoothing import certify, image_generator
-    from deploypipe.stages.certify.stage import CertifyConfig, _prepare
+    def train(label: str, sigma: float, side: str | None = None) -> tuple[str, float]:
+        cmd = ["--model", args.dense, "--data", args.data, "--noise-sigma", str(sigma), "--epochs", str(args.epochs),
+               "--lr", str(args.lr), "--schedule", "cosine"]
+        if args.consistency > 0:
+            cmd += ["--consistency", str(args.consistency)]
+        if side:
+            cmd += ["--drs-side", side]
+        m = run_deploypipe("train", label, cmd, out, args.threads)
+        return str(out / label / "train" / "model"), m["test_top1"]
 
-    model = load_model(args.model).to(device).eval()
-    data = load_data(DataSpec(source=args.data))
-    index = list(range(0, len(data.test), 20))[: args.images]
-    images = [data.test.as_float(data.test.images[i]) for i in index]
-    labels = [int(data.test.labels[i]) for i in index]
-    samples = args.n0 + args.n
-
-    Smooth = load_reference(Path(args.core), device)
+    certify_opts = ["--data", args.data, "--every", str(args.every), "--n", str(args.n), "--n0", str(args.n0),
+                    "--alpha", str(args.alpha), "--batch-size", str(args.batch_size)]
+    if args.autocast:
+        certify_opts.append("--autocast")
     rows = []
+    for method, sigmas in (("rs", args.rs_sigmas), ("drs", args.drs_sigmas)):
+        for sigma in (float(s) for s in sigmas.split(",") if s):
+            tag = f"{method}-sigma{sigma:g}"
+            print(f"{method.upper()} sigma {sigma:g}", flush=True)
+            if method == "rs":
+                model, clean = train(f"train-{tag}", sigma)
+                cmd = ["--model", model, "--method", "rs"]
+            else:
+                left, clean_l = train(f"train-{tag}-left", sigma, "left")
+                right, clean_r = train(f"train-{tag}-right", sigma, "right")
+                clean = (clean_l + clean_r) / 2
+                cmd = ["--model", left, "--model-right", right, "--method", "drs"]
+            m = run_deploypipe("certify", f"certify-{tag}", [*cmd, "--sigma", str(sigma), *certify_opts], out, args.threads)
+            rows.append({"method": method.upper(), "sigma": sigma, "clean_top1": clean, "acr": m["acr"],
+                         "seconds_per_image": m["seconds_per_image"], "images": int(m["images"]),
+                         "abstain_rate": m["abstain_rate"], "wall_seconds": m["wall_seconds"],
+                         **{f"r{r:g}": m[f"certified_acc_r{r:g}"] for r in RADII},
+                         "csv": str(out / f"certify-{tag}" / "certify" / "certify.csv")})
 
-    def measure(name: str, fn) -> None:
-        t0 = time.perf_counter()
-        out = [fn(i, x) for i, x in zip(index, images)]
-        seconds = (time.perf_counter() - t0) / len(images)
-        rows.append({"name": name, "s_per_image": seconds, "samples_per_s": samples / seconds, "results": out})
-        print(f"  {name}: {seconds:.2f} s/image, {samples / seconds:,.0f} noise samples/s", flush=True)
-
-    reference = Smooth(model, len(data.classes), args.sigma)
-    torch.manual_seed(0)
-    measure("reference core.py (as published)", lambda i, x: reference.certify(x.to(device), args.n0, args.n, args.alpha, args.batch_size))
-    for label, cfg in [("deploypipe certify (defaults: inference_mode, channels_last)", CertifyConfig()),
-                       ("deploypipe certify + autocast (bfloat16 on CPU)", CertifyConfig(autocast=True))]:
-        ours = _prepare(load_model(args.model), cfg, device)
-        measure(label, lambda i, x, ours=ours: (lambda c: (c.prediction, c.radius))(
-            certify(ours, x.to(device), args.sigma, args.n0, args.n, args.alpha, len(data.classes), args.batch_size,
-                    image_generator(0, i, device))))
-
-    base = rows[0]["s_per_image"]
-    print(f"\nmodel `{args.model}`, sigma {args.sigma}, n0 {args.n0}, n {args.n:,}, alpha {args.alpha}, batch "
-          f"{args.batch_size}, {len(images)} test images (every 20th), {args.threads} CPU threads, device {device}\n")
-    print("| implementation | s / image | noise samples / s | speed-up | predictions (label) / radii |")
-    print("|---|---|---|---|---|")
+    lines = [f"ResNet-20 base classifiers fine-tuned {args.epochs} epochs with Gaussian noise from `{args.dense}`"
+             f"{f' (consistency {args.consistency:g})' if args.consistency else ''}; every {args.every}th test image "
+             f"({rows[0]['images'] if rows else 0}), n0 {args.n0}, n {args.n:,}, alpha {args.alpha}, batch "
+             f"{args.batch_size}{', autocast' if args.autocast else ''}, {args.threads} CPU threads.", "",
+             "| method | sigma | clean top-1 of base | " + " | ".join(f"r={r:g}" for r in RADII) + " | ACR | s / image |",
+             "|---|---|---|" + "---|" * len(RADII) + "---|---|"]
     for r in rows:
-        res = ", ".join(f"{p}({y})/{rad:.3f}" for (p, rad), y in zip(r["results"], labels))
-        print(f"| {r['name']} | {r['s_per_image']:.2f} | {r['samples_per_s']:,.0f} | {base / r['s_per_image']:.2f}x | {res} |")
+        lines.append(f"| {r['method']} | {r['sigma']:g} | {100 * r['clean_top1']:.2f} | "
+                     + " | ".join(f"{100 * r[f'r{x:g}']:.1f}" for x in RADII)
+                     + f" | {r['acr']:.3f} | {r['seconds_per_image']:.2f} |")
+    pairs = [(a, b) for a in rows for b in rows if a["method"] == "RS" and b["method"] == "DRS"
+             and math.isclose(b["sigma"], a["sigma"] / math.sqrt(2), rel_tol=0.05)]
+    if pairs:
+        lines.append("")
+        for a, b in pairs:
+            verdict = "above" if b["acr"] > a["acr"] else "not above"
+            lines.append(f"DRS sigma {b['sigma']:g} ACR {b['acr']:.3f} vs RS sigma {a['sigma']:g} ACR {a['acr']:.3f}: {verdict}")
+    text = "\n".join(lines)
+    print("\n" + text)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    plot(rows, out / "certified_accuracy.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for r in rows:
+        with open(r["csv"], newline="") as fh:
+            cert = list(csv.DictReader(fh))
+        radii = sorted(float(c["radius"]) for c in cert if int(c["correct"]))
+        grid = [i * 0.01 for i in range(0, 201)]
+        ax.plot(grid, [100 * sum(1 for x in radii if x >= g) / len(cert) for g in grid],
+                label=f"{r['method']} sigma={r['sigma']:g} (ACR {r['acr']:.3f})")
+    ax.set(xlabel="L2 radius", ylabel="certified accuracy (%)", title="CIFAR-10, ResNet-20 base classifiers")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def run_deploypipe(stage: str, label: str, args: list[str], out: Path, threads: 
     if done.is_file():
         metrics = dict(json.loads(done.read_text())["metrics"])
         metrics.update(json.loads(usage_file.read_text()) if usage_file.is_file() else {"wall_seconds": None, "peak_rss_mb": None})
-        print(f"  {label}: (done before) test top-1 {metrics['test_top1']:.4f}", flush=True)
+        print(f"  {label}: (done before) {_headline(metrics)}", flush=True)
         return metrics
     cmd = [sys.executable, "-m", "deploypipe", stage, *args, "--workdir", str(out / "work"),
            "--out", str(out / label), "--json"]
@@ -35,5 +35,14 @@ def run_deploypipe(stage: str, label: str, args: list[str], out: Path, threads: 
     metrics = dict(summary["stages"][0]["metrics"])
     metrics.update(wall_seconds=wall, peak_rss_mb=usage.ru_maxrss / 1024)
     usage_file.write_text(json.dumps({"wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}))
-    print(f"  {label}: {wall:.0f} s, test top-1 {metrics['test_top1']:.4f}", flush=True)
+    print(f"  {label}: {wall:.0f} s, {_headline(metrics)}", flush=True)
     return metrics
+
+
+def _headline(metrics: dict) -> str:
+    if "test_top1" in metrics:
+        return f"test top-1 {metrics['test_top1']:.4f}"
+    if "acr" in metrics:
+        return f"certified accuracy at r=0 {metrics['certified_acc_r0']:.3f}, ACR {metrics['acr']:.3f}"
+    return ""
+

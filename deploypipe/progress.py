@@ -3,21 +3,36 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, Optional, TypeVar
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], total: Optional[int] = None, description: str = "", enabled: bool = True) -> Iterator[T]:
+def progress(items: Iterable[T], total: Optional[int] = None, description: str = "", enabled: bool = True,
+             unit: Optional[str] = None, weight: Optional[Callable[[T], int]] = None) -> Iterator[T]:
+    """Yield ``items`` under a progress bar (count, elapsed, ETA). With ``unit`` the bar also shows the
+    rate ("12.3 images/s"); with ``weight`` an item counts as ``weight(item)`` units (e.g. a group of
+    images), and ``total`` is in those units."""
     if not enabled:
         yield from items
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    from rich.text import Text
 
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.2f} {unit}/s" if task.speed else f"? {unit}/s")
+
+    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    if unit:
+        columns.insert(3, Rate())
     with Progress(*columns, transient=True) as bar:
-        yield from bar.track(items, total=total, description=description)
+        task = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            bar.advance(task, weight(item) if weight else 1)
 
 
 def log(message: str) -> None:

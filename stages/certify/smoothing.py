@@ -30,9 +30,11 @@ it is smaller than sqrt(R_l^2 + R_r^2) = sigma sqrt(a^2 + b^2), which the refere
 and which over-certifies (for linear sides, where the bound is tight, it exceeds the exact radius).
 Abstain when a + b <= 0.
 
-Speed: noise and votes stay on the model's device (one host sync per image), batches of
-``batch_size`` noisy copies, ``torch.inference_mode``; noise is drawn from a generator seeded by
-(seed, image index), so any shard of the test set reproduces the unsharded result exactly.
+Speed: noise and votes stay on the model's device, with one host sync per image (per group of
+images when several share the forward passes: n0 + n small against ``batch_size``); batches of
+``batch_size`` noisy copies, ``torch.inference_mode``; both DRS sides in the same passes when they
+share the model. Noise is drawn from a generator seeded by (seed, image index), in chunks that do not
+depend on the packing, so any shard or grouping of the test set reproduces the unsharded result.
 """
 
 from __future__ import annotations
@@ -64,21 +66,67 @@ def image_generator(seed: int, index: int, device: torch.device | str) -> torch.
     return g
 
 
+def side_generator(generator: torch.Generator) -> torch.Generator:
+    """DRS: the right side's own noise source, derived from the image's (no device sync), so each
+    side's noise is the same whether the sides run in one forward pass or two."""
+    g = torch.Generator(device=generator.device)
+    g.manual_seed((generator.initial_seed() * 1_000_033 + 977) % (2**63 - 1))
+    return g
+
+
+Job = tuple[torch.Tensor, int, torch.Generator]  # (image C x H x W, noisy copies, its noise source)
+
+
 @torch.inference_mode()
+def vote_counts(model: Classifier, jobs: list[Job], sigma: float, num_classes: int, batch_size: int) -> torch.Tensor:
+    """Votes of ``model`` for each job (image, count, generator): a (jobs x num_classes) LongTensor on
+    the images' device, with no host sync.
+
+    Each job's noise is drawn from its own generator in chunks of min(batch_size, remaining), so it
+    does not depend on which other jobs share a forward pass; chunks of several jobs (several images
+    when n is small, or both DRS sides of a shared model) are packed into one batch of at most
+    ``batch_size`` noisy copies. Noise and x + noise are float32."""
+    device = jobs[0][0].device
+    counts = torch.zeros(len(jobs) * num_classes, dtype=torch.long, device=device)
+    pending: list[tuple[torch.Tensor, int]] = []
+    filled = 0
+
+    def flush() -> None:
+        nonlocal counts, filled
+        if not pending:
+            return
+        batch = pending[0][0] if len(pending) == 1 else torch.cat([b for b, _ in pending])
+        pred = model(batch).argmax(1)
+        if len(pending) == 1:
+            slot = pending[0][1] * num_classes + pred
+        else:
+            owner = torch.cat([torch.full((b.shape[0],), j * num_classes, dtype=torch.long, device=device)
+                               for b, j in pending])
+            slot = owner + pred
+        counts += torch.bincount(slot, minlength=counts.numel())
+        pending.clear()
+        filled = 0
+
+    for j, (x, num, generator) in enumerate(jobs):
+        x = x.float()
+        remaining = num
+        while remaining > 0:
+            b = min(batch_size, remaining)
+            if filled + b > batch_size:
+                flush()
+            noise = torch.randn((b, *x.shape), generator=generator, device=x.device, dtype=torch.float32) * sigma
+            pending.append((x.unsqueeze(0) + noise, j))
+            filled += b
+            remaining -= b
+    flush()
+    return counts.view(len(jobs), num_classes)
+
+
 def sample_counts(model: Classifier, x: torch.Tensor, num: int, sigma: float, num_classes: int,
                   batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """Votes of ``model`` over ``num`` Gaussian-noised copies of one image ``x`` (C x H x W, float32
     in [0, 1]); a LongTensor of ``num_classes`` counts on x's device."""
-    counts = torch.zeros(num_classes, dtype=torch.long, device=x.device)
-    x = x.float()
-    remaining = num
-    while remaining > 0:
-        b = min(batch_size, remaining)
-        noise = torch.randn((b, *x.shape), generator=generator, device=x.device, dtype=torch.float32) * sigma
-        pred = model(x.unsqueeze(0) + noise).argmax(1)
-        counts += torch.bincount(pred, minlength=num_classes)
-        remaining -= b
-    return counts
+    return vote_counts(model, [(x, num, generator)], sigma, num_classes, batch_size)[0]
 
 
 @dataclass(frozen=True)
@@ -93,15 +141,27 @@ def rs_radius(p_lower: float, sigma: float) -> float:
     return sigma * norm_ppf(p_lower) if p_lower > 0.5 else 0.0
 
 
+def certify_images(model: Classifier, images: list[torch.Tensor], sigma: float, n0: int, n: int, alpha: float,
+                   num_classes: int, batch_size: int, generators: list[torch.Generator]) -> list[Certificate]:
+    """Cohen et al.'s CERTIFY for several images at once (one forward pass holds several images when
+    n0 + n is small against the batch size) and one host sync for all of them. Per image: the n0
+    selection copies come first from its generator, then the n estimation copies, so each result is
+    the one ``certify`` gives for that image alone."""
+    jobs = [job for x, g in zip(images, generators) for job in ((x, n0, g), (x, n, g))]
+    counts = vote_counts(model, jobs, sigma, num_classes, batch_size)
+    top = counts[0::2].argmax(1)
+    k = counts[1::2].gather(1, top[:, None])[:, 0]
+    out = []
+    for c, kc in zip(*torch.stack([top, k]).tolist()):  # the one host sync
+        p = clopper_pearson_lower(kc, n, alpha)
+        out.append(Certificate(ABSTAIN, 0.0, p) if p <= 0.5 else Certificate(c, rs_radius(p, sigma), p))
+    return out
+
+
 def certify(model: Classifier, x: torch.Tensor, sigma: float, n0: int, n: int, alpha: float, num_classes: int,
             batch_size: int, generator: torch.Generator) -> Certificate:
     """Cohen et al.'s CERTIFY for one image."""
-    c = int(sample_counts(model, x, n0, sigma, num_classes, batch_size, generator).argmax())
-    k = int(sample_counts(model, x, n, sigma, num_classes, batch_size, generator)[c])
-    p = clopper_pearson_lower(k, n, alpha)
-    if p <= 0.5:
-        return Certificate(ABSTAIN, 0.0, p)
-    return Certificate(c, rs_radius(p, sigma), p)
+    return certify_images(model, [x], sigma, n0, n, alpha, num_classes, batch_size, [generator])[0]
 
 
 def predict(model: Classifier, x: torch.Tensor, sigma: float, n: int, alpha: float, num_classes: int,
@@ -109,10 +169,10 @@ def predict(model: Classifier, x: torch.Tensor, sigma: float, n: int, alpha: flo
     """Cohen et al.'s PREDICT for one image: the top class, or ABSTAIN."""
     counts = sample_counts(model, x, n, sigma, num_classes, batch_size, generator)
     top2 = counts.topk(2)
-    k1, k2 = int(top2.values[0]), int(top2.values[1])
+    (k1, k2), (c1, _) = top2.values.tolist(), top2.indices.tolist()
     if binom_test_two_sided_half(k1, k1 + k2) > alpha:
         return ABSTAIN
-    return int(top2.indices[0])
+    return int(c1)
 
 
 # --------------------------------------------------------------------------- DRS
@@ -124,18 +184,36 @@ def drs_radius(p_left: float, p_right: float, sigma: float) -> float:
     return sigma * (a + b) / math.sqrt(2) if a + b > 0 else 0.0
 
 
+def certify_drs_images(left_model: Classifier, right_model: Classifier, images: list[torch.Tensor], sigma: float,
+                       n0: int, n: int, alpha: float, num_classes: int, batch_size: int,
+                       generators: list[torch.Generator]) -> list[Certificate]:
+    """DRS CERTIFY for several images: candidate = argmax of the summed selection votes of the two
+    sides; each side's lower bound at alpha / 2; the sound radius. When both sides are the same
+    model, both halves go through it in the same forward passes. The left half's noise comes from the
+    image's generator, the right half's from ``side_generator`` of it."""
+    halves = [split(x) for x in images]
+    left_jobs = [job for (xl, _), g in zip(halves, generators) for job in ((xl, n0, g), (xl, n, g))]
+    right_gens = [side_generator(g) for g in generators]
+    right_jobs = [job for (_, xr), g in zip(halves, right_gens) for job in ((xr, n0, g), (xr, n, g))]
+    if left_model is right_model:
+        both = vote_counts(left_model, left_jobs + right_jobs, sigma, num_classes, batch_size)
+        left, right = both[:len(left_jobs)], both[len(left_jobs):]
+    else:
+        left = vote_counts(left_model, left_jobs, sigma, num_classes, batch_size)
+        right = vote_counts(right_model, right_jobs, sigma, num_classes, batch_size)
+    top = (left[0::2] + right[0::2]).argmax(1)
+    kl = left[1::2].gather(1, top[:, None])[:, 0]
+    kr = right[1::2].gather(1, top[:, None])[:, 0]
+    out = []
+    for c, a, b in zip(*torch.stack([top, kl, kr]).tolist()):  # the one host sync
+        pl, pr = clopper_pearson_lower(a, n, alpha / 2), clopper_pearson_lower(b, n, alpha / 2)
+        radius = drs_radius(pl, pr, sigma)
+        out.append(Certificate(ABSTAIN, 0.0, pl, pr) if radius <= 0 else Certificate(c, radius, pl, pr))
+    return out
+
+
 def certify_drs(left_model: Classifier, right_model: Classifier, x: torch.Tensor, sigma: float, n0: int, n: int,
                 alpha: float, num_classes: int, batch_size: int, generator: torch.Generator) -> Certificate:
-    """DRS CERTIFY for one image: candidate = argmax of the summed selection votes; each side's
-    lower bound at alpha / 2; the sound radius."""
-    xl, xr = split(x)
-    sel = (sample_counts(left_model, xl, n0, sigma, num_classes, batch_size, generator)
-           + sample_counts(right_model, xr, n0, sigma, num_classes, batch_size, generator))
-    c = int(sel.argmax())
-    kl = int(sample_counts(left_model, xl, n, sigma, num_classes, batch_size, generator)[c])
-    kr = int(sample_counts(right_model, xr, n, sigma, num_classes, batch_size, generator)[c])
-    pl, pr = clopper_pearson_lower(kl, n, alpha / 2), clopper_pearson_lower(kr, n, alpha / 2)
-    radius = drs_radius(pl, pr, sigma)
-    if radius <= 0:
-        return Certificate(ABSTAIN, 0.0, pl, pr)
-    return Certificate(c, radius, pl, pr)
+    """DRS CERTIFY for one image (see ``certify_drs_images``)."""
+    return certify_drs_images(left_model, right_model, [x], sigma, n0, n, alpha, num_classes, batch_size,
+                              [generator])[0]

@@ -30,7 +30,7 @@ from deploypipe.errors import InputError
 from deploypipe.progress import log, progress
 from deploypipe.stage import StageContext, StageResult, register, register_command
 
-from .smoothing import ABSTAIN, certify, certify_drs, image_generator, split
+from .smoothing import ABSTAIN, certify_drs_images, certify_images, image_generator, split
 
 
 class CertifyConfig(Schema):
@@ -97,34 +97,43 @@ def summarize(rows: list[dict], radii: list[float], prefix: str = "") -> dict[st
 
 def _run(models, ctx: StageContext, cfg: CertifyConfig, indices: list[int], label: str,
          device: torch.device) -> tuple[list[dict], float]:
+    """Certify the images ``indices``, several per forward pass when n0 + n is small against the batch
+    size (each image's result is the same as alone: its noise depends only on (seed, index))."""
     test = ctx.data.test
     num_classes = ctx.data.num_classes
     rows, t_all = [], time.perf_counter()
     batch = cfg.batch_size
-    for index in progress(indices, total=len(indices), description=f"certify {label} ({cfg.method}, n={cfg.n})",
-                          enabled=ctx.show_progress):
-        x = test.as_float(test.images[index:index + 1])[0].to(device)
-        label_i = int(test.labels[index])
+    shared = cfg.method == "drs" and models[0] is models[1]
+    per_image = (cfg.n0 + cfg.n) * (2 if shared else 1)
+    size = max(1, batch // per_image)
+    groups = [indices[i:i + size] for i in range(0, len(indices), size)]
+    for group in progress(groups, total=len(indices), description=f"certify {label} ({cfg.method}, n={cfg.n})",
+                          enabled=ctx.show_progress, unit="images", weight=len):
+        xs = [test.as_float(test.images[i:i + 1])[0].to(device) for i in group]
         while True:
-            g = image_generator(ctx.seed, index, device)
+            gens = [image_generator(ctx.seed, i, device) for i in group]
             t0 = time.perf_counter()
             try:
                 if cfg.method == "rs":
-                    cert = certify(models[0], x, cfg.sigma, cfg.n0, cfg.n, cfg.alpha, num_classes, batch, g)
+                    certs = certify_images(models[0], xs, cfg.sigma, cfg.n0, cfg.n, cfg.alpha, num_classes, batch, gens)
                 else:
-                    cert = certify_drs(models[0], models[1], x, cfg.sigma, cfg.n0, cfg.n, cfg.alpha, num_classes, batch, g)
+                    certs = certify_drs_images(models[0], models[1], xs, cfg.sigma, cfg.n0, cfg.n, cfg.alpha,
+                                               num_classes, batch, gens)
                 break
             except torch.OutOfMemoryError:
                 if batch == 1:
                     raise
-                batch //= 2  # same noise stream per image regardless of the batch size
+                batch //= 2  # on the CPU the noise stream per image does not depend on the batch size
                 torch.cuda.empty_cache()
                 log(f"[{ctx.stage_id}] out of memory: batch size halved to {batch}")
-        row = {"index": index, "label": label_i, "prediction": cert.prediction, "radius": cert.radius,
-               "correct": int(cert.prediction == label_i), "seconds": time.perf_counter() - t0, "p_lower": cert.p_lower}
-        if cert.p_lower_right is not None:
-            row["p_lower_right"] = cert.p_lower_right
-        rows.append(row)
+        seconds = (time.perf_counter() - t0) / len(group)
+        for index, cert in zip(group, certs):
+            label_i = int(test.labels[index])
+            row = {"index": index, "label": label_i, "prediction": cert.prediction, "radius": cert.radius,
+                   "correct": int(cert.prediction == label_i), "seconds": seconds, "p_lower": cert.p_lower}
+            if cert.p_lower_right is not None:
+                row["p_lower_right"] = cert.p_lower_right
+            rows.append(row)
     return rows, time.perf_counter() - t_all
 
 

@@ -11,8 +11,8 @@ import torch
 from scipy import stats
 
 from deploypipe.stages.certify.bounds import betainc, binom_test_two_sided_half, clopper_pearson_lower
-from deploypipe.stages.certify.smoothing import (ABSTAIN, certify, certify_drs, drs_radius, image_generator, merge,
-                                                 predict, split)
+from deploypipe.stages.certify.smoothing import (ABSTAIN, certify, certify_drs, certify_drs_images, certify_images,
+                                                 drs_radius, image_generator, merge, predict, split, vote_counts)
 
 
 @pytest.mark.parametrize("k, n", [(0, 10), (1, 10), (7, 10), (10, 10), (12, 100), (100, 100), (50001, 100000),
@@ -149,3 +149,54 @@ def test_noise_depends_only_on_seed_and_image_index():
     b = certify(f, x, 0.5, 50, 500, 0.01, 2, 128, image_generator(3, 17, "cpu"))  # other batch size
     c = certify(f, x, 0.5, 50, 500, 0.01, 2, 64, image_generator(3, 18, "cpu"))
     assert a == b and a != c
+
+
+class Counting:
+    """A linear 10-class classifier that counts its forward passes and the copies it sees."""
+
+    def __init__(self, dim, seed):
+        self.w = torch.randn(dim, 10, generator=torch.Generator().manual_seed(seed))
+        self.calls, self.largest = 0, 0
+
+    def __call__(self, x):
+        self.calls += 1
+        self.largest = max(self.largest, x.shape[0])
+        return x.flatten(1) @ self.w
+
+
+def test_several_images_per_pass_give_each_image_its_own_result():
+    f = Counting(3 * 4 * 4, 0)
+    xs = [torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    alone = [certify(f, x, 0.3, 20, 80, 0.01, 10, 1000, image_generator(1, i, "cpu")) for i, x in enumerate(xs)]
+    f.calls = 0
+    packed = certify_images(f, xs, 0.3, 20, 80, 0.01, 10, 1000, [image_generator(1, i, "cpu") for i in range(5)])
+    assert packed == alone
+    assert f.calls == 1  # 5 x (20 + 80) = 500 copies fit one batch of 1000
+    f.calls, f.largest = 0, 0
+    certify_images(f, xs, 0.3, 20, 80, 0.01, 10, 250, [image_generator(1, i, "cpu") for i in range(5)])
+    # chunks of 20 and 80 copies are packed greedily in order, never split, never beyond the batch size
+    assert (f.calls, f.largest) == (3, 220)
+
+
+def test_vote_counts_are_exact_counts_of_the_noisy_predictions():
+    f = Counting(2 * 2 * 2, 3)
+    x = torch.rand(2, 2, 2)
+    counts = vote_counts(f, [(x, 37, image_generator(0, 0, "cpu")), (x, 5, image_generator(0, 1, "cpu"))], 0.5, 10, 16)
+    g0, g1 = image_generator(0, 0, "cpu"), image_generator(0, 1, "cpu")
+    for row, (g, num) in zip(counts, [(g0, 37), (g1, 5)]):
+        noise = torch.cat([torch.randn((b, 2, 2, 2), generator=g) * 0.5 for b in ([16, 16, 5] if num == 37 else [5])])
+        brute = torch.bincount(f(x.unsqueeze(0) + noise).argmax(1), minlength=10)
+        assert torch.equal(row, brute)
+    assert int(counts.sum()) == 42
+
+
+def test_drs_sides_of_one_model_in_one_pass_equal_two_separate_models():
+    f = Counting(3 * 4 * 2, 1)
+    g = Counting(3 * 4 * 2, 1)  # same weights, another object: two passes
+    xs = [torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
+    one = certify_drs_images(f, f, xs, 0.4, 10, 60, 0.01, 10, 1000, [image_generator(2, i, "cpu") for i in range(3)])
+    assert f.calls == 1
+    two = certify_drs_images(g, Counting(3 * 4 * 2, 1), xs, 0.4, 10, 60, 0.01, 10, 1000,
+                             [image_generator(2, i, "cpu") for i in range(3)])
+    assert one == two
+    assert one == [certify_drs(f, f, x, 0.4, 10, 60, 0.01, 10, 1000, image_generator(2, i, "cpu")) for i, x in enumerate(xs)]
