@@ -65,25 +65,27 @@ def main() -> None:
                     "--alpha", str(args.alpha), "--batch-size", str(args.batch_size)]
     if args.autocast:
         certify_opts.append("--autocast")
+    rs = [("rs", float(s)) for s in args.rs_sigmas.split(",") if s]
+    drs = [("drs", float(s)) for s in args.drs_sigmas.split(",") if s]
+    order = [x for pair in zip(rs, drs) for x in pair] + rs[len(drs):] + drs[len(rs):]  # matched pairs first
     rows = []
-    for method, sigmas in (("rs", args.rs_sigmas), ("drs", args.drs_sigmas)):
-        for sigma in (float(s) for s in sigmas.split(",") if s):
-            tag = f"{method}-sigma{sigma:g}"
-            print(f"{method.upper()} sigma {sigma:g}", flush=True)
-            if method == "rs":
-                model, clean = train(f"train-{tag}", sigma)
-                cmd = ["--model", model, "--method", "rs"]
-            else:
-                left, clean_l = train(f"train-{tag}-left", sigma, "left")
-                right, clean_r = train(f"train-{tag}-right", sigma, "right")
-                clean = (clean_l + clean_r) / 2
-                cmd = ["--model", left, "--model-right", right, "--method", "drs"]
-            m = run_deploypipe("certify", f"certify-{tag}", [*cmd, "--sigma", str(sigma), *certify_opts], out, args.threads)
-            rows.append({"method": method.upper(), "sigma": sigma, "clean_top1": clean, "acr": m["acr"],
-                         "seconds_per_image": m["seconds_per_image"], "images": int(m["images"]),
-                         "abstain_rate": m["abstain_rate"], "wall_seconds": m["wall_seconds"],
-                         **{f"r{r:g}": m[f"certified_acc_r{r:g}"] for r in RADII},
-                         "csv": str(out / f"certify-{tag}" / "certify" / "certify.csv")})
+    for method, sigma in order:
+        tag = f"{method}-sigma{sigma:g}"
+        print(f"{method.upper()} sigma {sigma:g}", flush=True)
+        if method == "rs":
+            model, clean = train(f"train-{tag}", sigma)
+            cmd = ["--model", model, "--method", "rs"]
+        else:
+            left, clean_l = train(f"train-{tag}-left", sigma, "left")
+            right, clean_r = train(f"train-{tag}-right", sigma, "right")
+            clean = (clean_l + clean_r) / 2
+            cmd = ["--model", left, "--model-right", right, "--method", "drs"]
+        m = run_deploypipe("certify", f"certify-{tag}", [*cmd, "--sigma", str(sigma), *certify_opts], out, args.threads)
+        rows.append({"method": method.upper(), "sigma": sigma, "clean_top1": clean, "acr": m["acr"],
+                     "seconds_per_image": m["seconds_per_image"], "images": int(m["images"]),
+                     "abstain_rate": m["abstain_rate"], "wall_seconds": m["wall_seconds"],
+                     **{f"r{r:g}": m[f"certified_acc_r{r:g}"] for r in RADII},
+                     "csv": str(out / f"certify-{tag}" / "certify" / "certify.csv")})
 
     lines = [f"ResNet-20 base classifiers fine-tuned {args.epochs} epochs with Gaussian noise from `{args.dense}`"
              f"{f' (consistency {args.consistency:g})' if args.consistency else ''}; every {args.every}th test image "

@@ -75,6 +75,7 @@ def main() -> None:
     from deploypipe.data import load_data
     from deploypipe.models import load_model
     from deploypipe.stages.certify.smoothing import certify, image_generator
+    from deploypipe.stages.certify.runtime import to_onnxruntime
     from deploypipe.stages.certify.stage import CertifyConfig, _prepare
 
     model = load_model(args.model).to(device).eval()
@@ -97,9 +98,16 @@ def main() -> None:
     reference = Smooth(model, len(data.classes), args.sigma)
     torch.manual_seed(0)
     measure("reference core.py (as published)", lambda i, x: reference.certify(x.to(device), args.n0, args.n, args.alpha, args.batch_size))
-    for label, cfg in [("deploypipe certify (defaults: inference_mode, channels_last)", CertifyConfig()),
-                       ("deploypipe certify + autocast (bfloat16 on CPU)", CertifyConfig(autocast=True))]:
-        ours = _prepare(load_model(args.model), cfg, device)
+    classifiers = [("deploypipe certify --runtime torch (inference_mode, channels_last)", _prepare(load_model(args.model), CertifyConfig(), device)),
+                   ("deploypipe certify --runtime torch --autocast (bfloat16 on CPU)", _prepare(load_model(args.model), CertifyConfig(autocast=True), device))]
+    if device.type == "cpu":
+        probe = torch.stack(images[:8]).repeat_interleave(32, 0)
+        probe = probe + args.sigma * torch.randn(probe.shape, generator=torch.Generator().manual_seed(0))
+        session, why = to_onnxruntime(load_model(args.model), tuple(data.input_shape), probe)
+        print(f"  ONNX Runtime: {why}", flush=True)
+        if session is not None:
+            classifiers.insert(1, ("deploypipe certify (default on CPU: --runtime auto = ONNX Runtime)", session))
+    for label, ours in classifiers:
         measure(label, lambda i, x, ours=ours: (lambda c: (c.prediction, c.radius))(
             certify(ours, x.to(device), args.sigma, args.n0, args.n, args.alpha, len(data.classes), args.batch_size,
                     image_generator(0, i, device))))

@@ -41,7 +41,7 @@ from .data import Splits, load_data
 from .errors import InputError, StageFailed
 from .models import (ModelRecord, content_hash, factory_source, is_model_dir, load_model, model_from_spec, read_record,
                      save_model)
-from .stage import StageContext, StageDef, StageResult, load_stages
+from .stage import StageContext, StageDef, StageResult, launched_ranks, load_stages
 from .tracking import Tracker, check_reachable, default_uri, resolve_uri
 
 
@@ -80,7 +80,10 @@ class PipelineSummary:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local = int(os.environ.get("LOCAL_RANK", "0")) if launched_ranks()[1] > 1 else 0
+        return torch.device("cuda", local % torch.cuda.device_count())  # torchrun: one GPU per local rank
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -150,6 +153,9 @@ class Pipeline:
         self.cfg = cfg = cfg.model_copy(update=overrides)
         self.workdir = Path(workdir)
         self.out_dir = Path(out_dir) if out_dir else self.workdir / cfg.name
+        self.rank, self.world_size = launched_ranks()
+        if self.world_size > 1:  # torchrun: each rank its own output folder (and MLflow run), merged afterwards
+            self.out_dir = self.out_dir / f"rank{self.rank}"
         self.seed = cfg.seed
         self.show_progress = show_progress
         self.stage_defs: list[tuple[Any, StageDef, Any]] = []
@@ -158,6 +164,11 @@ class Pipeline:
                 raise InputError(f"{where}: stages[{i}] names unknown stage '{entry.stage}'",
                                  f"use one of: {', '.join(sorted(registry))} (see 'deploypipe stages')")
             sdef = registry[entry.stage]
+            if self.world_size > 1 and not sdef.splits_over_ranks:
+                able = ", ".join(sorted(n for n, d in registry.items() if d.splits_over_ranks))
+                raise InputError(f"{where}: stage '{entry.stage}' does not split its work over torchrun's "
+                                 f"{self.world_size} ranks (every rank would redo all of it)",
+                                 f"run it without torchrun; under torchrun run only: {able}")
             typed = validate(sdef.config, entry.config, where, prefix=f"stages[{i}].{entry.stage}")
             self.stage_defs.append((entry, sdef, typed))
         self.device = resolve_device(cfg.device)
@@ -209,9 +220,11 @@ class Pipeline:
         t_start = time.perf_counter()
         for stale in [*self.out_dir.glob(".*.partial-*"), *self.out_dir.glob(".*.old-*")]:  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
-        tracker = Tracker(self.uri, self.cfg.tracking.experiment, self.workdir / "mlartifacts")
-        tracker.start_pipeline(self.cfg.name, self.cfg.model_dump(mode="json"),
-                               tags={"deploypipe.outputs": str(self.out_dir.resolve())})
+        with _exclusive(self.workdir, ".tracking.lock", wait=True):  # torchrun ranks: one creates the store
+            tracker = Tracker(self.uri, self.cfg.tracking.experiment, self.workdir / "mlartifacts")
+        ranks = {"deploypipe.rank": f"{self.rank}/{self.world_size}"} if self.world_size > 1 else {}
+        tracker.start_pipeline(self.cfg.name + (f" rank {self.rank}" if ranks else ""), self.cfg.model_dump(mode="json"),
+                               tags={"deploypipe.outputs": str(self.out_dir.resolve()), **ranks})
         (self.out_dir / "pipeline.yaml").write_text(self.cfg.to_yaml())
         tracker.log_artifact(self.out_dir / "pipeline.yaml")
         model, record, input_hash = self.model, self.record, self.input_hash
@@ -279,7 +292,8 @@ class Pipeline:
         # each stage gets its own copy: in-place changes never leak into the pipeline's input model
         ctx = StageContext(stage_id=entry.id, model=copy.deepcopy(model).to(self.device), record=record,
                            data=self.data, device=self.device, tracker=st, out_dir=tmp, work_dir=work,
-                           seed=self.seed, previous=dict(previous), show_progress=self.show_progress)
+                           seed=self.seed, previous=dict(previous), show_progress=self.show_progress,
+                           rank=self.rank, world_size=self.world_size)
         seed_everything(self.seed)
         t0 = time.perf_counter()
         try:
@@ -324,16 +338,18 @@ def _write_result(stage_dir: Path, result: dict) -> None:
 
 
 @contextmanager
-def _exclusive(out_dir: Path) -> Iterator[None]:
-    """One run at a time per output folder (another run would delete our partial outputs)."""
+def _exclusive(out_dir: Path, name: str = ".lock", wait: bool = False) -> Iterator[None]:
+    """One run at a time per output folder (another run would delete our partial outputs); with
+    ``wait``, queue for the lock instead (e.g. creating the MLflow store and experiment once when
+    several torchrun ranks start together)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
         yield
         return
-    with open(out_dir / ".lock", "w") as fh:
+    with open(out_dir / name, "w") as fh:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise InputError(f"another deploypipe run is using {out_dir}",
                              "wait for it to finish, or give this run another --out / --workdir") from None

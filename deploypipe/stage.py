@@ -53,6 +53,8 @@ class StageContext:
     seed: int
     previous: dict[str, StageResult] = field(default_factory=dict)
     show_progress: bool = True
+    rank: int = 0        # under torchrun: this process's rank and the number of ranks (stages that
+    world_size: int = 1  # split their work, e.g. certify, take their share; see launched_ranks)
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         self.tracker.log_metrics(metrics, step=step)
@@ -80,6 +82,7 @@ class StageDef:
     config: type[BaseModel]
     run: Callable[[StageContext, BaseModel], StageResult]
     help: str
+    splits_over_ranks: bool = False  # runs under torchrun, each rank doing its share (ctx.rank / ctx.world_size)
 
 
 REGISTRY: dict[str, StageDef] = {}
@@ -92,18 +95,32 @@ def register_command(command: Any) -> Any:
     return command
 
 
-def register(name: str, help: str = "") -> Callable:
-    """Register a stage; its config schema is the type of the run function's ``cfg`` argument."""
+def register(name: str, help: str = "", splits_over_ranks: bool = False) -> Callable:
+    """Register a stage; its config schema is the type of the run function's ``cfg`` argument.
+    ``splits_over_ranks``: the stage divides its work by ``ctx.rank`` / ``ctx.world_size``, so it may
+    run under torchrun (other stages are refused there: every rank would redo all of it)."""
 
     def deco(fn: Callable) -> Callable:
         hints = typing.get_type_hints(fn)
         cfg_type = hints.get("cfg")
         if not (isinstance(cfg_type, type) and issubclass(cfg_type, BaseModel)):
             raise TypeError(f"stage '{name}': run(ctx, cfg) must annotate cfg with a pydantic model")
-        REGISTRY[name] = StageDef(name, cfg_type, fn, help or (fn.__doc__ or "").strip().split("\n")[0])
+        REGISTRY[name] = StageDef(name, cfg_type, fn, help or (fn.__doc__ or "").strip().split("\n")[0], splits_over_ranks)
         return fn
 
     return deco
+
+
+def launched_ranks() -> tuple[int, int]:
+    """(rank, world size) when started by torchrun (or any launcher setting RANK and WORLD_SIZE), else (0, 1)."""
+    import os
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0, 1
+    return (rank, world) if world > 1 and 0 <= rank < world else (0, 1)
 
 
 def load_stages() -> dict[str, StageDef]:

@@ -1,6 +1,9 @@
 """``deploypipe certify-merge``: combine the outputs of sharded certify runs (``--shard i/k``, one per
 job-array task or torchrun rank) into the metrics and plot of the unsharded run.
 
+Under torchrun (``torchrun --nproc-per-node K -m deploypipe certify ... --out runs/c``) rank r writes
+``runs/c/rank<r>/certify`` with shard r/K (recorded in its result.json); merge those folders.
+
 Each shard folder is a certify stage output (``certify.csv`` + ``config.yaml``). The shards must
 share every setting but ``shard``, be the k different shards of one split, and together hold each
 image once; the noise of an image depends only on (seed, image index), so the merged CSV equals the
@@ -28,6 +31,12 @@ def _read_shard(folder: Path) -> tuple[dict, list[dict]]:
                          "give the <out>/certify folders the sharded runs wrote")
     cfg = yaml.safe_load(config.read_text())
     cfg = cfg.get("certify", cfg) if isinstance(cfg, dict) else {}
+    try:  # a torchrun rank's shard is in its result, not in its config
+        metrics = json.loads((folder / "result.json").read_text()).get("metrics", {})
+    except (OSError, ValueError):
+        metrics = {}
+    if not cfg.get("shard") and "shard_count" in metrics:
+        cfg["shard"] = f"{int(metrics['shard_index'])}/{int(metrics['shard_count'])}"
     with open(table, newline="") as fh:
         rows = [{k: (float(v) if k in ("radius", "seconds", "p_lower", "p_lower_right") else int(v)) for k, v in r.items()}
                 for r in csv.DictReader(fh)]

@@ -135,6 +135,8 @@ class Certificate:
     radius: float        # 0.0 when abstaining
     p_lower: float       # RS: the bound on the top class; DRS: left side's
     p_lower_right: Optional[float] = None  # DRS only
+    count: int = 0       # votes for the candidate class among the n estimation copies (left side for DRS)
+    count_right: Optional[int] = None  # DRS only
 
 
 def rs_radius(p_lower: float, sigma: float) -> float:
@@ -154,7 +156,7 @@ def certify_images(model: Classifier, images: list[torch.Tensor], sigma: float, 
     out = []
     for c, kc in zip(*torch.stack([top, k]).tolist()):  # the one host sync
         p = clopper_pearson_lower(kc, n, alpha)
-        out.append(Certificate(ABSTAIN, 0.0, p) if p <= 0.5 else Certificate(c, rs_radius(p, sigma), p))
+        out.append(Certificate(ABSTAIN, 0.0, p, count=kc) if p <= 0.5 else Certificate(c, rs_radius(p, sigma), p, count=kc))
     return out
 
 
@@ -208,7 +210,7 @@ def certify_drs_images(left_model: Classifier, right_model: Classifier, images: 
     for c, a, b in zip(*torch.stack([top, kl, kr]).tolist()):  # the one host sync
         pl, pr = clopper_pearson_lower(a, n, alpha / 2), clopper_pearson_lower(b, n, alpha / 2)
         radius = drs_radius(pl, pr, sigma)
-        out.append(Certificate(ABSTAIN, 0.0, pl, pr) if radius <= 0 else Certificate(c, radius, pl, pr))
+        out.append(Certificate(ABSTAIN if radius <= 0 else c, radius if radius > 0 else 0.0, pl, pr, a, b))
     return out
 
 

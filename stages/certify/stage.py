@@ -9,7 +9,9 @@ With ``reference`` (e.g. the FP32 model a quantize stage started from) the same 
 certified for it too, and the plot and metrics put the two side by side (robustness lost to
 compression). With ``onnx`` the exported file itself is certified in ONNX Runtime — what ships.
 
-Outputs: ``certify.csv`` (index, label, prediction, radius, correct, seconds, p_lower[, p_lower_right]),
+Outputs: ``certify.csv`` (index, label, prediction, radius, correct, seconds, p_lower, count[, p_lower_right,
+count_right]; count = votes for the candidate among the n estimation copies, so anyone can recompute
+the bound),
 certified accuracy at each radius in ``radii``, the average certified radius (ACR: mean over images
 of the radius where the prediction is correct and certified, 0 otherwise), abstention rate,
 throughput, and ``certified_accuracy.png``.
@@ -30,6 +32,7 @@ from deploypipe.errors import InputError
 from deploypipe.progress import log, progress
 from deploypipe.stage import StageContext, StageResult, register, register_command
 
+from .runtime import OnnxClassifier, to_onnxruntime
 from .smoothing import ABSTAIN, certify_drs_images, certify_images, image_generator, split
 
 
@@ -49,6 +52,7 @@ class CertifyConfig(Schema):
     channels_last: bool = Field(True, description="channels_last memory format for the base classifier")
     autocast: bool = Field(False, description="run the base classifier under autocast (float16 on CUDA, bfloat16 on CPU); noise and x + noise stay float32")
     onnx: Optional[str] = Field(None, description="certify this ONNX file (e.g. quantize's model.onnx) in ONNX Runtime instead of the pipeline's PyTorch model (rs)")
+    runtime: Literal["auto", "torch", "onnxruntime"] = Field("auto", description="where the base classifier runs: auto = ONNX Runtime on the CPU when the exported model agrees with PyTorch on noisy probes (2-3x faster there), else PyTorch")
 
     @field_validator("shard")
     @classmethod
@@ -69,6 +73,8 @@ class CertifyConfig(Schema):
             raise ValueError("model_right is for method drs")
         if self.method == "drs" and (self.reference or self.onnx):
             raise ValueError("reference and onnx are supported with method rs")
+        if self.runtime == "onnxruntime" and self.autocast:
+            raise ValueError("autocast is PyTorch's: use runtime torch (or auto) with autocast")
         return self
 
 
@@ -130,24 +136,12 @@ def _run(models, ctx: StageContext, cfg: CertifyConfig, indices: list[int], labe
         for index, cert in zip(group, certs):
             label_i = int(test.labels[index])
             row = {"index": index, "label": label_i, "prediction": cert.prediction, "radius": cert.radius,
-                   "correct": int(cert.prediction == label_i), "seconds": seconds, "p_lower": cert.p_lower}
+                   "correct": int(cert.prediction == label_i), "seconds": seconds, "p_lower": cert.p_lower,
+                   "count": cert.count}
             if cert.p_lower_right is not None:
-                row["p_lower_right"] = cert.p_lower_right
+                row.update(p_lower_right=cert.p_lower_right, count_right=cert.count_right)
             rows.append(row)
     return rows, time.perf_counter() - t_all
-
-
-class OnnxClassifier:
-    """An ONNX classifier (input ``images`` in [0, 1], output logits) run by ONNX Runtime on CPU."""
-
-    def __init__(self, path: str):
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input: x.detach().cpu().numpy()})[0]).to(x.device)
 
 
 class _Autocast(torch.nn.Module):
@@ -168,6 +162,37 @@ def _prepare(model: torch.nn.Module, cfg: CertifyConfig, device) -> torch.nn.Mod
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return _Autocast(model, device) if cfg.autocast else model
+
+
+def _classifier(model: torch.nn.Module, ctx: StageContext, cfg: CertifyConfig, device: torch.device,
+                shape: tuple[int, ...], probe: torch.Tensor, what: str):
+    """The base classifier as it will run: ONNX Runtime (runtime auto on the CPU, or onnxruntime) when
+    the export agrees with PyTorch on ``probe``, else PyTorch (channels_last, autocast)."""
+    if cfg.runtime == "onnxruntime" and device.type != "cpu":
+        raise InputError(f"certify runtime onnxruntime runs on the CPU, the device is {device}",
+                         "use --runtime torch (or auto) on a GPU, or --device cpu")
+    if cfg.runtime == "onnxruntime" or (cfg.runtime == "auto" and device.type == "cpu" and not cfg.autocast):
+        import copy
+
+        session, why = to_onnxruntime(copy.deepcopy(model), shape, probe)
+        log(f"[{ctx.stage_id}] {what}: {why}" + ("" if session else "; certifying in PyTorch"))
+        if session is not None:
+            return session
+        if cfg.runtime == "onnxruntime":
+            raise InputError(f"certify runtime onnxruntime: {why}", "use --runtime torch (or auto)")
+    return _prepare(model, cfg, device)
+
+
+def _probe(ctx: StageContext, cfg: CertifyConfig) -> torch.Tensor:
+    """Noisy copies of the first test images (32 each of up to 8), for the ONNX Runtime parity check."""
+    x = ctx.data.test.as_float(ctx.data.test.images[:8]).repeat_interleave(32, 0)
+    g = torch.Generator().manual_seed(ctx.seed)
+    return x + cfg.sigma * torch.randn(x.shape, generator=g)
+
+
+def probe_halves(probe: torch.Tensor) -> torch.Tensor:
+    """Both DRS halves of the probe images, stacked (for one model serving both sides)."""
+    return torch.cat(split(probe))
 
 
 def _load(path: str, what: str):
@@ -200,48 +225,72 @@ from .merge import certify_merge  # noqa: E402  (the command needs this module's
 register_command(certify_merge)
 
 
-@register("certify", help="Certified L2 robustness by randomized smoothing (rs) or dual randomized smoothing (drs), sound radii")
+@register("certify", help="Certified L2 robustness by randomized smoothing (rs) or dual randomized smoothing (drs), sound radii",
+          splits_over_ranks=True)
 def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
     device = ctx.device
+    shard = cfg.shard
+    if ctx.world_size > 1:  # torchrun: rank r of k certifies shard r/k into <out>/rank<r>/
+        if shard:
+            raise InputError(f"certify shard {shard} given under torchrun, which already splits the images over "
+                             f"its {ctx.world_size} ranks", "drop --shard (each rank takes shard RANK/WORLD_SIZE)")
+        shard = f"{ctx.rank}/{ctx.world_size}"
     if cfg.onnx:  # checked here, not in the config: an earlier stage of the pipeline may write it
         if not Path(cfg.onnx).is_file():
             raise InputError(f"certify onnx file '{cfg.onnx}' does not exist",
                              "give the path of an ONNX classifier (e.g. <out>/quantize/model.onnx)")
         device = torch.device("cpu")  # ONNX Runtime's CPU provider: noise and votes on the CPU
-        model = OnnxClassifier(cfg.onnx)
+        model = OnnxClassifier(cfg.onnx, torch.get_num_threads())
         log(f"[{ctx.stage_id}] certifying the ONNX file {cfg.onnx} in ONNX Runtime")
-    else:
-        model = _prepare(ctx.model, cfg, device)
+    probe = _probe(ctx, cfg)
     if cfg.method == "drs":
         if ctx.data.input_shape[-1] % 2:
             raise InputError(f"DRS needs an even image width, the data has {ctx.data.input_shape[-1]}",
                              "use method rs or resize the images (--image-size)")
-        right = _prepare(_load(cfg.model_right, "model_right"), cfg, device) if cfg.model_right else model
-        models = (model, right)
-        half = split(torch.zeros(1, *ctx.data.input_shape))[0].shape[1:]
+        half = tuple(split(torch.zeros(1, *ctx.data.input_shape))[0].shape[1:])
+        left_probe, right_probe = split(probe)
+        sides = [ctx.model] + ([_load(cfg.model_right, "model_right")] if cfg.model_right else [])
         with torch.inference_mode():
-            for m in models:
-                m(torch.zeros(1, *half, device=device))  # fails early if a side model expects full images
+            for m in sides:
+                try:
+                    dev = next(iter(m.parameters()), torch.zeros(0)).device
+                    m.eval()(torch.zeros(1, *half, device=dev))  # fails early if a side model expects full images
+                except RuntimeError as err:
+                    raise InputError(f"a DRS side model does not take {half} half-images ({str(err).splitlines()[0][:100]})",
+                                     "give models trained with --drs-side left/right") from None
+        model = _classifier(ctx.model, ctx, cfg, device, half, left_probe if cfg.model_right else probe_halves(probe),
+                            "left side" if cfg.model_right else "both sides")
+        right = (_classifier(sides[1], ctx, cfg, device, half, right_probe, "right side") if cfg.model_right else model)
+        models = (model, right)
     else:
+        if not cfg.onnx:
+            model = _classifier(ctx.model, ctx, cfg, device, tuple(ctx.data.input_shape), probe, "model")
         models = (model,)
-    indices = select_images(len(ctx.data.test), cfg.num_images, cfg.every, cfg.shard)
+    indices = select_images(len(ctx.data.test), cfg.num_images, cfg.every, shard)
     log(f"[{ctx.stage_id}] {cfg.method.upper()} on {len(indices)} test images, sigma {cfg.sigma}, n0 {cfg.n0}, "
-        f"n {cfg.n}, alpha {cfg.alpha}{f', shard {cfg.shard}' if cfg.shard else ''}")
+        f"n {cfg.n}, alpha {cfg.alpha}{f', shard {shard}' if shard else ''}")
     rows, seconds = _run(models, ctx, cfg, indices, "model", device)
     ctx.save_table("certify", rows)
     metrics = summarize(rows, cfg.radii)
     samples = len(rows) * (cfg.n0 + cfg.n) * len(models)
     metrics.update({"images": float(len(rows)), "seconds_per_image": seconds / max(len(rows), 1),
                     "noise_samples_per_second": samples / max(seconds, 1e-9)})
+    if shard:  # what certify-merge checks (under torchrun the config itself has no shard)
+        metrics["shard_index"], metrics["shard_count"] = (float(v) for v in shard.split("/"))
+    metrics["onnxruntime"] = float(isinstance(models[0], OnnxClassifier))
     curves = {"this model": rows}
     if cfg.reference:
-        ref = _prepare(_load(cfg.reference, "reference"), cfg, ctx.device)
+        ref = _classifier(_load(cfg.reference, "reference"), ctx, cfg, ctx.device, tuple(ctx.data.input_shape), probe,
+                          "reference")
         ref_rows, _ = _run((ref,), ctx, cfg, indices, "reference", ctx.device)
         ctx.save_table("certify_reference", ref_rows)
         metrics.update(summarize(ref_rows, cfg.radii, "reference_"))
         metrics["acr_lost"] = metrics["reference_acr"] - metrics["acr"]
         curves["reference"] = ref_rows
     ctx.save_figure(plot_curves(curves, cfg), "certified_accuracy")
+    if ctx.world_size > 1 and ctx.rank == 0:
+        log(f"[{ctx.stage_id}] rank 0 of {ctx.world_size}: when every rank has finished, merge with "
+            f"'deploypipe certify-merge <out>/rank*/{ctx.stage_id} --out <out>/merged'")
     log(f"[{ctx.stage_id}] " + ", ".join(f"r={r:g}: {metrics[f'certified_acc_r{r:g}']:.3f}" for r in cfg.radii)
         + f"; ACR {metrics['acr']:.3f}; {metrics['seconds_per_image']:.2f} s/image")
     return StageResult(metrics=metrics)

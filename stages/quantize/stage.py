@@ -20,7 +20,7 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import torch
 from matplotlib.figure import Figure
@@ -82,6 +82,7 @@ class QuantizeConfig(Schema):
     bias_lr: float = Field(1e-4, gt=0, description="bias-tuning learning rate (Adam)")
     export_onnx: bool = Field(True, description="write model.onnx (Q/DQ) and check it in ONNX Runtime on the test split")
     calib_batch_size: int = Field(256, ge=1, description="images per forward pass while calibrating")
+    calib_noise_sigma: float = Field(0.0, ge=0, description="Gaussian noise on the [0,1] calibration images (a base classifier for randomized smoothing sees noisy inputs: calibrate on those; e.g. the train stage's noise_sigma); 0 = clean")
     cache_budget_mb: float = Field(1024, gt=0, description="memory for one layer's cached inputs+outputs (subsampled above it)")
 
     def adaquant_settings(self) -> AdaQuantSettings:
@@ -269,6 +270,17 @@ def _sweep(ctx: StageContext, cfg: QuantizeConfig, fp, q, dloss: dict, budget: _
     ctx.save_figure(fig, "pareto")
 
 
+def calibration_batches(ctx: StageContext, batch_size: int, noise_sigma: float = 0.0) -> Iterator[torch.Tensor]:
+    """The calibration images in [0, 1], in order; with ``noise_sigma`` each batch gets Gaussian noise
+    from a generator seeded by (seed, batch index), so every pass sees the same noisy images (AdaQuant
+    compares FP and quantized outputs on them)."""
+    for i, (x, _) in enumerate(ctx.data.calib.batches(batch_size)):
+        if noise_sigma > 0:
+            g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + i)
+            x = x + noise_sigma * torch.randn(x.shape, generator=g)
+        yield x
+
+
 @register("quantize", help="Post-training quantization: BN folding, calibrated ranges, AdaQuant (W/A bits, first/last 8-bit)")
 def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
     device = ctx.device
@@ -299,7 +311,7 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
         hooks = [fp.get_submodule(n).register_forward_hook(
             lambda _m, i, _o, n=n: nonneg.__setitem__(n, bool((i[0] >= 0).all()))) for n in chosen]
         with torch.no_grad():
-            fp(next(iter(ctx.data.calib.batches(cfg.calib_batch_size)))[0].to(device))
+            fp(next(iter(calibration_batches(ctx, cfg.calib_batch_size, cfg.calib_noise_sigma))).to(device))
         for h in hooks:
             h.remove()
         for n in chosen:
@@ -314,7 +326,7 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
     set_enabled(q, True)
 
     def batches():
-        return (x.to(device) for x, _ in ctx.data.calib.batches(cfg.calib_batch_size))
+        return (x.to(device) for x in calibration_batches(ctx, cfg.calib_batch_size, cfg.calib_noise_sigma))
 
     t0 = time.perf_counter()
     init_ranges(fp, q, chosen, batches, cfg.weight_range, cfg.act_range, cfg.percentile)
@@ -353,7 +365,7 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
         log(f"[{ctx.stage_id}] + BN re-estimation: {metrics['bn_top1']:.4f} ({verdict})")
     if cfg.bias_tuning:
         def small_batches():
-            return (x.to(device) for x, _ in ctx.data.calib.batches(64))
+            return (x.to(device) for x in calibration_batches(ctx, 64, cfg.calib_noise_sigma))
 
         metrics["bias_kl_before"], metrics["bias_kl_after"] = tune_biases(fp, q, small_batches, cfg.bias_steps, cfg.bias_lr)
         metrics["test_top1"], metrics["test_loss"] = metrics["bias_top1"], metrics["bias_test_loss"] = \

@@ -1,9 +1,12 @@
 """The certify stage in a pipeline: noise-trained digits CNN -> W8A8 quantize -> certify the quantized
 model with the FP32 one as reference; CSV, metrics that agree with the CSV, the plot; shards that
-merge into exactly the unsharded result; DRS on half-width side models; bad options exit 2."""
+merge into exactly the unsharded result, also as torchrun ranks; DRS on half-width side models; bad options exit 2."""
 
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -79,6 +82,20 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
     got = json.load(open(tmp_path / "merged" / "metrics.json"))
     assert all(got[k] == pytest.approx(whole[k]) for k in got)  # the same metrics as the unsharded run
     assert (tmp_path / "merged" / "certified_accuracy.png").is_file()
+    # torchrun, one shard per rank: each rank writes <out>/rank<r>/certify, and they merge to the same result
+    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                             "-m", "deploypipe.cli", "--", *common, "--out", "tr"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    ranks = [list(csv.DictReader(open(tmp_path / "tr" / f"rank{r}" / "certify" / "certify.csv"))) for r in range(3)]
+    assert strip(sum(ranks, [])) == strip(want) and all(ranks)
+    merged = run_cli("certify-merge", *[f"tr/rank{r}/certify" for r in range(3)], "--out", "tr-merged", cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    got = json.load(open(tmp_path / "tr-merged" / "metrics.json"))
+    assert all(got[k] == pytest.approx(whole[k]) for k in got)
+    refused = run_cli("train", "--model", "zoo:digits_cnn", "--out", "tr-train", cwd=tmp_path,
+                      env={"RANK": "1", "WORLD_SIZE": "2"})  # what each torchrun rank would see
+    assert refused.returncode == 2 and "does not split its work" in refused.stderr and not (tmp_path / "tr-train").exists()
     missing = run_cli("certify-merge", "shard0/certify", "shard2/certify", "--out", "m2", cwd=tmp_path)
     assert missing.returncode == 2 and "not all k shards" in missing.stderr and not (tmp_path / "m2").exists()
     drs = run_cli("certify", "--model", "zoo:digits_cnn", "--method", "drs", "--sigma", "0.18", "--n0", "10", "--n", "50",

@@ -120,3 +120,21 @@ def test_bias_tuning_lowers_the_kl_to_fp_logits():
         kl = F.kl_div(F.log_softmax(q(x), 1), F.log_softmax(fp(x), 1), log_target=True, reduction="batchmean")
     assert abs(kl.item() - after) < 1e-4 * max(1.0, after) + 1e-6
     assert all(torch.equal(p, weights[n]) for n, p in q.named_parameters() if n in weights)  # only biases moved
+
+
+def test_noisy_calibration_batches_repeat_exactly_and_have_the_asked_noise():
+    from types import SimpleNamespace
+
+    from deploypipe.config import DataSpec
+    from deploypipe.data import load_data
+    from deploypipe.stages.quantize.stage import calibration_batches
+
+    ctx = SimpleNamespace(data=load_data(DataSpec(source="digits", calib_size=512)), seed=3)
+    clean = torch.cat(list(calibration_batches(ctx, 100)))
+    assert torch.equal(clean, torch.cat([x for x, _ in ctx.data.calib.batches(100)]))
+    first = list(calibration_batches(ctx, 100, 0.25))
+    second = list(calibration_batches(ctx, 100, 0.25))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))  # every AdaQuant pass sees the same images
+    noise = torch.cat(first) - clean
+    assert noise.std().item() == pytest.approx(0.25, rel=0.02) and abs(noise.mean().item()) < 0.01
+    assert not torch.equal(first[0] - clean[:100], first[1] - clean[100:200])  # fresh noise per batch
