@@ -4,7 +4,7 @@ Every zoo model takes [0, 1] images and starts with its own ``Normalize`` layer,
 smoothing can add its noise in pixel space and an exported engine needs no preprocessing.
 
 - ``digits_cnn``: a 3-conv CNN for scikit-learn's 8×8 digits (the embedded default data).
-- ``resnet20`` / ``resnet56``: the CIFAR ResNets of He et al. 2016 (§4.2): 3 stages of n basic
+- ``resnet20`` / ``resnet56`` / ``resnet110``: the CIFAR ResNets of He et al. 2016 (§4.2): 3 stages of n basic
   blocks with 16/32/64 channels, depth 6n+2, parameter-free option-A shortcuts.
 - ``vit_tiny``: a small Vision Transformer for 32×32 images with 4×4 patches (64 tokens + class
   token), pre-norm blocks built from plain ``nn.Linear`` layers so quantize/sparsify see them.
@@ -135,6 +135,11 @@ def resnet56(num_classes: int = 10, in_channels: int = 3, mean=CIFAR_MEAN, std=C
     return CifarResNet(56, num_classes, in_channels, mean, std)
 
 
+def resnet110(num_classes: int = 10, in_channels: int = 3, mean=CIFAR_MEAN, std=CIFAR_STD) -> nn.Module:
+    """The base classifier of Cohen et al. 2019's CIFAR-10 randomized-smoothing results."""
+    return CifarResNet(110, num_classes, in_channels, mean, std)
+
+
 # --------------------------------------------------------------------------- small ViT
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
@@ -203,5 +208,6 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": digits_cnn,
     "resnet20": resnet20,
     "resnet56": resnet56,
+    "resnet110": resnet110,
     "vit_tiny": vit_tiny,
 }

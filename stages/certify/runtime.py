@@ -11,7 +11,9 @@ forces PyTorch.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import warnings
 from typing import Optional
 
 import torch
@@ -41,7 +43,8 @@ def to_onnxruntime(model: torch.nn.Module, input_shape: tuple[int, ...], probe: 
     model = model.eval().cpu()
     buf = io.BytesIO()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # the exporter's notes and graph dumps are not the user's business
             torch.onnx.export(model, (torch.rand(2, *input_shape),), buf, opset_version=17, dynamo=False,
                               input_names=["images"], output_names=["logits"],
                               dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})

@@ -1,0 +1,63 @@
+"""The base classifier in ONNX Runtime: the export agrees with PyTorch (logits within 1e-4 on noisy
+inputs), a model the exporter cannot handle or whose export disagrees stays in PyTorch with the reason,
+and certify gives the same certificates in either runtime."""
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import run_cli
+from deploypipe.stages.certify.runtime import to_onnxruntime
+from deploypipe.zoo import digits_cnn
+
+
+def _probe(shape=(1, 8, 8), n=64):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, *shape, generator=g) + 0.25 * torch.randn(n, *shape, generator=g)
+
+
+def test_onnxruntime_agrees_with_pytorch():
+    torch.manual_seed(0)
+    model = digits_cnn().eval()
+    session, why = to_onnxruntime(model, (1, 8, 8), _probe())
+    assert session is not None, why
+    x = _probe(n=300)
+    with torch.no_grad():
+        assert torch.allclose(session(x), model(x), atol=1e-4)
+        assert torch.equal(session(x).argmax(1), model(x).argmax(1))
+
+
+class Unexportable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.linalg.svdvals(x[:, 0]))  # no ONNX symbolic for this op
+
+
+def test_models_that_cannot_run_in_onnxruntime_stay_in_pytorch(capsys):
+    session, why = to_onnxruntime(Unexportable().eval(), (1, 8, 8), _probe())
+    assert session is None and "failed" in why and "svdvals" in why
+    assert capsys.readouterr().out == ""  # stdout stays clean for --json
+    session, why = to_onnxruntime(digits_cnn().eval(), (1, 8, 8), _probe(), max_logit_diff=-1.0)  # force a mismatch
+    assert session is None and "differ" in why
+
+
+def test_certify_in_either_runtime_gives_the_same_certificates(tmp_path):
+    common = ["certify", "--model", "zoo:digits_cnn", "--n0", "20", "--n", "300", "--alpha", "0.01",
+              "--num-images", "6", "--sigma", "0.1"]
+    runs = {}
+    for runtime in ("torch", "onnxruntime"):
+        res = run_cli(*common, "--runtime", runtime, "--out", runtime, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs[runtime] = list(csv.DictReader(open(tmp_path / runtime / "certify" / "certify.csv")))
+    assert "ONNX Runtime agrees" in res.stderr
+    for a, b in zip(runs["torch"], runs["onnxruntime"]):
+        assert a["prediction"] == b["prediction"]
+        assert abs(int(a["count"]) - int(b["count"])) <= 1  # a noisy copy on a float tie may vote otherwise
+        assert float(a["radius"]) == pytest.approx(float(b["radius"]), abs=0.01)
+    bad = run_cli(*common, "--runtime", "onnxruntime", "--autocast", "--out", "bad", cwd=tmp_path)
+    assert bad.returncode == 2 and "autocast is PyTorch's" in bad.stderr and not (tmp_path / "bad" / "certify").exists()
