@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--autocast", action="store_true", help="certify with the base classifier under autocast (bfloat16 on CPU)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/bench-certify")
+    ap.add_argument("--only-train", action="store_true", help="train the base classifiers, certify nothing (yet)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,6 +81,8 @@ def main() -> None:
             right, clean_r = train(f"train-{tag}-right", sigma, "right")
             clean = (clean_l + clean_r) / 2
             cmd = ["--model", left, "--model-right", right, "--method", "drs"]
+        if args.only_train:
+            continue
         m = run_deploypipe("certify", f"certify-{tag}", [*cmd, "--sigma", str(sigma), *certify_opts], out, args.threads)
         rows.append({"method": method.upper(), "sigma": sigma, "clean_top1": clean, "acr": m["acr"],
                      "seconds_per_image": m["seconds_per_image"], "images": int(m["images"]),
@@ -87,6 +90,8 @@ def main() -> None:
                      **{f"r{r:g}": m[f"certified_acc_r{r:g}"] for r in RADII},
                      "csv": str(out / f"certify-{tag}" / "certify" / "certify.csv")})
 
+    if args.only_train:
+        return
     lines = [f"ResNet-20 base classifiers fine-tuned {args.epochs} epochs with Gaussian noise from `{args.dense}`"
              f"{f' (consistency {args.consistency:g})' if args.consistency else ''}; every {args.every}th test image "
              f"({rows[0]['images'] if rows else 0}), n0 {args.n0}, n {args.n:,}, alpha {args.alpha}, batch "

@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=3, help="test images (every 20th)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--ours", default="onnxruntime,torch,autocast",
+                    help="which deploypipe configurations to time beside the reference")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -98,15 +100,21 @@ def main() -> None:
     reference = Smooth(model, len(data.classes), args.sigma)
     torch.manual_seed(0)
     measure("reference core.py (as published)", lambda i, x: reference.certify(x.to(device), args.n0, args.n, args.alpha, args.batch_size))
-    classifiers = [("deploypipe certify --runtime torch (inference_mode, channels_last)", _prepare(load_model(args.model), CertifyConfig(), device)),
-                   ("deploypipe certify --runtime torch --autocast (bfloat16 on CPU)", _prepare(load_model(args.model), CertifyConfig(autocast=True), device))]
-    if device.type == "cpu":
+    wanted = set(args.ours.split(","))
+    classifiers = []
+    if "torch" in wanted:
+        classifiers.append(("deploypipe certify --runtime torch (inference_mode, channels_last)",
+                            _prepare(load_model(args.model), CertifyConfig(), device)))
+    if "autocast" in wanted:
+        classifiers.append(("deploypipe certify --runtime torch --autocast (bfloat16 on CPU)",
+                            _prepare(load_model(args.model), CertifyConfig(autocast=True), device)))
+    if device.type == "cpu" and "onnxruntime" in wanted:
         probe = torch.stack(images[:8]).repeat_interleave(32, 0)
         probe = probe + args.sigma * torch.randn(probe.shape, generator=torch.Generator().manual_seed(0))
         session, why = to_onnxruntime(load_model(args.model), tuple(data.input_shape), probe)
         print(f"  ONNX Runtime: {why}", flush=True)
         if session is not None:
-            classifiers.insert(1, ("deploypipe certify (default on CPU: --runtime auto = ONNX Runtime)", session))
+            classifiers.insert(0, ("deploypipe certify (default on CPU: --runtime auto = ONNX Runtime)", session))
     for label, ours in classifiers:
         measure(label, lambda i, x, ours=ours: (lambda c: (c.prediction, c.radius))(
             certify(ours, x.to(device), args.sigma, args.n0, args.n, args.alpha, len(data.classes), args.batch_size,
