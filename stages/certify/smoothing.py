@@ -210,7 +210,7 @@ def certify_drs_images(left_model: Classifier, right_model: Classifier, images: 
     for c, a, b in zip(*torch.stack([top, kl, kr]).tolist()):  # the one host sync
         pl, pr = clopper_pearson_lower(a, n, alpha / 2), clopper_pearson_lower(b, n, alpha / 2)
         radius = drs_radius(pl, pr, sigma)
-        out.append(Certificate(ABSTAIN if radius <= 0 else c, radius if radius > 0 else 0.0, pl, pr, a, b))
+        out.append(Certificate(c if radius > 0 else ABSTAIN, radius, pl, pr, a, b))  # drs_radius is 0 when abstaining
     return out
 
 
