@@ -5,9 +5,12 @@ Under torchrun (``torchrun --nproc-per-node K -m deploypipe certify ... --out ru
 ``runs/c/rank<r>/certify`` with shard r/K (recorded in its result.json); merge those folders.
 
 Each shard folder is a certify stage output (``certify.csv`` + ``config.yaml``). The shards must
-share every setting but ``shard``, be the k different shards of one split, and together hold each
-image once; the noise of an image depends only on (seed, image index), so the merged CSV equals the
-unsharded one (up to the timing column).
+share every setting but ``shard``, have certified the same seed, data and classifiers (their
+``provenance.json``: weight hashes), be the k different shards of one split, and together hold each
+image of it once; the noise of an image depends only on (seed, image index), so the merged CSV equals
+the unsharded one (up to the timing column). Shards run with ``--reference`` merge both tables, so
+the robustness lost to compression (``acr_lost``) survives sharding. ``--out`` must be new, empty or
+an earlier merge output (never a shard or a work directory: it is replaced).
 """
 
 from __future__ import annotations
@@ -21,15 +24,34 @@ import yaml
 
 from deploypipe.errors import InputError
 
-from .stage import CertifyConfig, plot_curves, summarize
+from pydantic import ValidationError
+
+from .stage import CertifyConfig, plot_curves, select_images, summarize
 
 
-def _read_shard(folder: Path) -> tuple[dict, list[dict]]:
+FLOATS = ("radius", "seconds", "p_lower", "p_lower_right")
+MARKER = "merged_from.json"  # written by certify-merge: its --out may be replaced, nothing else is
+
+
+def _read_table(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="") as fh:
+            return [{k: (float(v) if k in FLOATS else int(v)) for k, v in r.items()} for r in csv.DictReader(fh)]
+    except (ValueError, TypeError) as err:
+        raise InputError(f"'{path}' is not a certify table ({err})",
+                         "give the folders certify wrote, unedited") from None
+
+
+def _read_shard(folder: Path) -> tuple[dict, list[dict], dict, list[dict] | None]:
     table, config = folder / "certify.csv", folder / "config.yaml"
     if not table.is_file() or not config.is_file():
         raise InputError(f"'{folder}' is not a certify output folder (needs certify.csv and config.yaml)",
                          "give the <out>/certify folders the sharded runs wrote")
-    cfg = yaml.safe_load(config.read_text())
+    try:
+        cfg = yaml.safe_load(config.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(f"'{config}' is not valid YAML ({str(err).splitlines()[0]})",
+                         "give the folders certify wrote, unedited") from None
     cfg = cfg.get("certify", cfg) if isinstance(cfg, dict) else {}
     try:  # a torchrun rank's shard is in its result, not in its config
         metrics = json.loads((folder / "result.json").read_text()).get("metrics", {})
@@ -37,21 +59,31 @@ def _read_shard(folder: Path) -> tuple[dict, list[dict]]:
         metrics = {}
     if not cfg.get("shard") and "shard_count" in metrics:
         cfg["shard"] = f"{int(metrics['shard_index'])}/{int(metrics['shard_count'])}"
-    with open(table, newline="") as fh:
-        rows = [{k: (float(v) if k in ("radius", "seconds", "p_lower", "p_lower_right") else int(v)) for k, v in r.items()}
-                for r in csv.DictReader(fh)]
-    return cfg, rows
+    try:  # which seed, data and classifiers the shard certified (absent in outputs of older versions)
+        provenance = json.loads((folder / "provenance.json").read_text())
+    except (OSError, ValueError):
+        provenance = {}
+    reference = folder / "certify_reference.csv"
+    return cfg, _read_table(table), provenance, (_read_table(reference) if reference.is_file() else None)
 
 
-def merge_shards(folders: list[Path]) -> tuple[CertifyConfig, list[dict]]:
-    """Check the shards belong together and return their settings and rows, sorted by image index."""
+def merge_shards(folders: list[Path]) -> tuple[CertifyConfig, list[dict], list[dict] | None]:
+    """Check the shards belong together (settings, seed, data, classifiers, one split, every image
+    once) and return their settings, rows and reference rows (None without), sorted by image index."""
     if not folders:
         raise InputError("certify-merge needs at least one shard folder", "list the shards' certify output folders")
-    configs, rows = [], []
+    configs, rows, provenances, refs = [], [], [], []
     for folder in folders:
-        cfg, part = _read_shard(Path(folder))
+        cfg, part, provenance, ref = _read_shard(Path(folder))
         configs.append(cfg)
         rows += part
+        provenances.append(provenance)
+        refs.append(ref)
+    known = [p for p in provenances if p]
+    if known and (len(known) != len(provenances) or any(p != known[0] for p in known[1:])):
+        diff = sorted({k for p in provenances for k in set(p) | set(known[0]) if p.get(k) != known[0].get(k)})
+        raise InputError(f"the shards certified different {', '.join(diff)} (provenance.json)",
+                         "merge only shards of one certify command: same seed, data and models")
     common = [{k: v for k, v in c.items() if k != "shard"} for c in configs]
     if any(c != common[0] for c in common[1:]):
         diff = sorted({k for c in common[1:] for k in c if c.get(k) != common[0].get(k)})
@@ -66,7 +98,20 @@ def merge_shards(folders: list[Path]) -> tuple[CertifyConfig, list[dict]]:
     indices = [r["index"] for r in rows]
     if len(set(indices)) != len(indices):
         raise InputError("an image appears in more than one shard", "give each shard folder once")
-    return CertifyConfig.model_validate({**common[0], "shard": None}), sorted(rows, key=lambda r: r["index"])
+    try:
+        cfg = CertifyConfig.model_validate({**common[0], "shard": None})
+    except ValidationError as err:
+        raise InputError(f"the shards' config.yaml is not a certify config ({err.errors()[0]['msg']})",
+                         "give the folders certify wrote, unedited") from None
+    if known and "test_images" in known[0]:
+        want = select_images(int(known[0]["test_images"]), cfg.num_images, cfg.every, None)
+        if sorted(indices) != want:
+            raise InputError(f"the shards hold {len(indices)} of the {len(want)} images the command certifies",
+                             "give every shard folder of the run (each rank's or job's <out>/certify)")
+    if any(r is not None for r in refs) and any(r is None for r in refs):
+        raise InputError("only some shards have certify_reference.csv", "merge only shards of one certify command")
+    ref_rows = None if refs[0] is None else sorted((r for part in refs for r in part), key=lambda r: r["index"])
+    return cfg, sorted(rows, key=lambda r: r["index"]), ref_rows
 
 
 @click.command("certify-merge")
@@ -81,21 +126,44 @@ def certify_merge(shards: tuple[Path, ...], out: Path) -> None:
       deploypipe certify --model M --data D --shard 0/4 --out runs/s0   # ... 1/4, 2/4, 3/4
       deploypipe certify-merge runs/s0/certify runs/s1/certify runs/s2/certify runs/s3/certify --out runs/merged
     """
-    cfg, rows = merge_shards(list(shards))
+    cfg, rows, ref_rows = merge_shards(list(shards))
+    target = out.resolve()
+    for shard in shards:
+        if target == shard.resolve() or target in shard.resolve().parents:
+            raise InputError(f"certify-merge --out {out} would replace the shard {shard}",
+                             "give a new folder, e.g. runs/merged")
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise InputError(f"certify-merge --out {out} exists and is not an earlier merge output",
+                         "give a new or empty folder (an earlier certify-merge output is replaced)")
     metrics = summarize(rows, cfg.radii)
     metrics["images"] = float(len(rows))
+    curves = {"merged": rows}
     tmp = out.with_name(f".{out.name}.partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    with open(tmp / "certify.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        writer.writeheader()
-        writer.writerows(rows)
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tables = {"certify": rows}
+    if ref_rows is not None:  # the --reference comparison (e.g. the FP32 model beside the quantized one)
+        metrics.update(summarize(ref_rows, cfg.radii, "reference_"))
+        metrics["acr_lost"] = metrics["reference_acr"] - metrics["acr"]
+        curves = {"this model": rows, "reference": ref_rows}
+        tables["certify_reference"] = ref_rows
+    for name, table in tables.items():
+        with open(tmp / f"{name}.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in table for k in r)))
+            writer.writeheader()
+            writer.writerows(table)
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_curves({"merged": rows}, cfg).savefig(tmp / "certified_accuracy.png", dpi=120, bbox_inches="tight")
+    plot_curves(curves, cfg).savefig(tmp / "certified_accuracy.png", dpi=120, bbox_inches="tight")
+    (tmp / MARKER).write_text(json.dumps({"shards": [str(s) for s in shards]}, indent=2))
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
     tmp.rename(out)
     click.echo(", ".join(f"r={r:g}: {metrics[f'certified_acc_r{r:g}']:.3f}" for r in cfg.radii)
-               + f"; ACR {metrics['acr']:.3f} over {len(rows)} images -> {out}")
+               + f"; ACR {metrics['acr']:.3f} over {len(rows)} images"
+               + (f"; reference ACR {metrics['reference_acr']:.3f}, lost {metrics['acr_lost']:.3f}" if ref_rows else "")
+               + f" -> {out}")

@@ -28,6 +28,14 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        import hashlib
+
+        if isinstance(source, bytes):
+            self.digest = hashlib.sha256(source).hexdigest()  # which classifier was certified
+        else:  # a path: ONNX Runtime reads it (and any external-data files beside it) itself
+            from deploypipe.models import content_hash
+
+            self.digest = content_hash(source)
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 

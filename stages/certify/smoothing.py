@@ -70,8 +70,18 @@ def side_generator(generator: torch.Generator) -> torch.Generator:
     """DRS: the right side's own noise source, derived from the image's (no device sync), so each
     side's noise is the same whether the sides run in one forward pass or two."""
     g = torch.Generator(device=generator.device)
-    g.manual_seed((generator.initial_seed() * 1_000_033 + 977) % (2**63 - 1))
+    g.manual_seed(mix_seed(generator.initial_seed(), 1))
     return g
+
+
+def mix_seed(seed: int, stream: int) -> int:
+    """A seed for stream ``stream`` derived from ``seed`` by SplitMix64's finaliser (a bijection of
+    64-bit words), so derived streams do not collide with the small seeds of ``image_generator``
+    (a plain affine map did: at seed 0 image 0's right side drew image 977's left noise)."""
+    z = (seed + 0x9E3779B97F4A7C15 * (stream + 1)) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
 Job = tuple[torch.Tensor, int, torch.Generator]  # (image C x H x W, noisy copies, its noise source)
@@ -92,18 +102,23 @@ def vote_counts(model: Classifier, jobs: list[Job], sigma: float, num_classes: i
     filled = 0
 
     def flush() -> None:
-        nonlocal counts, filled
+        nonlocal filled
         if not pending:
             return
         batch = pending[0][0] if len(pending) == 1 else torch.cat([b for b, _ in pending])
-        pred = model(batch).argmax(1)
+        logits = model(batch)
+        if logits.dim() != 2 or logits.shape[0] != batch.shape[0] or logits.shape[1] != num_classes:
+            # a wider output would spill votes into the next job's counts (an unsound radius)
+            raise ValueError(f"the base classifier returned logits of shape {tuple(logits.shape)} for "
+                             f"{batch.shape[0]} inputs, expected ({batch.shape[0]}, {num_classes})")
+        pred = logits.argmax(1)
         if len(pending) == 1:
             slot = pending[0][1] * num_classes + pred
         else:
             owner = torch.cat([torch.full((b.shape[0],), j * num_classes, dtype=torch.long, device=device)
                                for b, j in pending])
             slot = owner + pred
-        counts += torch.bincount(slot, minlength=counts.numel())
+        counts.index_add_(0, slot, torch.ones_like(slot))  # no host sync (CUDA bincount reads min/max)
         pending.clear()
         filled = 0
 

@@ -19,6 +19,7 @@ throughput, and ``certified_accuracy.png``.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -33,7 +34,7 @@ from deploypipe.progress import log, progress
 from deploypipe.stage import StageContext, StageResult, register, register_command
 
 from .runtime import OnnxClassifier, to_onnxruntime
-from .smoothing import ABSTAIN, certify_drs_images, certify_images, image_generator, split
+from .smoothing import ABSTAIN, certify_drs_images, certify_images, image_generator, mix_seed, split
 
 
 class CertifyConfig(Schema):
@@ -129,9 +130,12 @@ def _run(models, ctx: StageContext, cfg: CertifyConfig, indices: list[int], labe
             except torch.OutOfMemoryError:
                 if batch == 1:
                     raise
-                batch //= 2  # on the CPU the noise stream per image does not depend on the batch size
+                batch //= 2
                 torch.cuda.empty_cache()
-                log(f"[{ctx.stage_id}] out of memory: batch size halved to {batch}")
+                # noise is drawn in chunks of the batch size: smaller chunks give other (equally valid)
+                # noise, so this run's figures match a run at the full batch size only within MC error
+                log(f"[{ctx.stage_id}] out of memory: batch size halved to {batch} (other noise draws from here on: "
+                    f"for bit-for-bit reproducible shards give every run --batch-size {batch})")
         seconds = (time.perf_counter() - t0) / len(group)
         for index, cert in zip(group, certs):
             label_i = int(test.labels[index])
@@ -186,13 +190,43 @@ def _classifier(model: torch.nn.Module, ctx: StageContext, cfg: CertifyConfig, d
 def _probe(ctx: StageContext, cfg: CertifyConfig) -> torch.Tensor:
     """Noisy copies of the first test images (32 each of up to 8), for the ONNX Runtime parity check."""
     x = ctx.data.test.as_float(ctx.data.test.images[:8]).repeat_interleave(32, 0)
-    g = torch.Generator().manual_seed(ctx.seed)
+    g = torch.Generator().manual_seed(mix_seed(ctx.seed, 2))  # not any image's certification noise
     return x + cfg.sigma * torch.randn(x.shape, generator=g)
 
 
 def probe_halves(probe: torch.Tensor) -> torch.Tensor:
     """Both DRS halves of the probe images, stacked (for one model serving both sides)."""
     return torch.cat(split(probe))
+
+
+def check_outputs(classifier, inputs: torch.Tensor, num_classes: int, what: str) -> None:
+    """The base classifier must return one logit per class: a wider output would put votes in the
+    wrong counts (smoothing.vote_counts also refuses it, mid-run; this says so before any work)."""
+    with torch.inference_mode():
+        try:
+            out = classifier(inputs)
+        except Exception as err:  # wrong input shape or channels: the model was made for other data
+            raise InputError(f"certify {what} does not run on inputs of shape {tuple(inputs.shape[1:])} "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:100]})",
+                             "give a model trained on this dataset (for DRS: on its half-images)") from None
+    if out.dim() != 2 or out.shape[1] != num_classes:
+        raise InputError(f"certify {what} returns outputs of shape {tuple(out.shape[1:])}, the data has "
+                         f"{num_classes} classes", "give a classifier trained on this dataset's classes")
+
+
+def weights_hash(model) -> str:
+    """sha256 of a model's parameters and buffers (names, dtypes, shapes, bytes), or of an ONNX
+    file's bytes: which classifier a shard certified (certify-merge compares them)."""
+    import hashlib
+
+    if isinstance(model, OnnxClassifier):
+        return model.digest
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _load(path: str, what: str):
@@ -266,7 +300,18 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
         if not cfg.onnx:
             model = _classifier(ctx.model, ctx, cfg, device, tuple(ctx.data.input_shape), probe, "model")
         models = (model,)
+    num_classes = ctx.data.num_classes
+    if cfg.method == "drs":
+        check_outputs(models[0], left_probe[:2].to(device), num_classes, "left side model" if cfg.model_right else "model")
+        if cfg.model_right:
+            check_outputs(models[1], right_probe[:2].to(device), num_classes, "model_right")
+    else:
+        check_outputs(models[0], probe[:2].to(device), num_classes, "onnx file" if cfg.onnx else "model")
     indices = select_images(len(ctx.data.test), cfg.num_images, cfg.every, shard)
+    provenance = {"seed": ctx.seed, "data": ctx.data.fingerprint, "test_images": len(ctx.data.test),
+                  "model": weights_hash(models[0]) if cfg.onnx else weights_hash(ctx.model),
+                  "model_right": weights_hash(sides[1]) if cfg.method == "drs" and cfg.model_right else None,
+                  "reference": None}
     log(f"[{ctx.stage_id}] {cfg.method.upper()} on {len(indices)} test images, sigma {cfg.sigma}, n0 {cfg.n0}, "
         f"n {cfg.n}, alpha {cfg.alpha}{f', shard {shard}' if shard else ''}")
     rows, seconds = _run(models, ctx, cfg, indices, "model", device)
@@ -280,14 +325,17 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
     metrics["onnxruntime"] = float(isinstance(models[0], OnnxClassifier))
     curves = {"this model": rows}
     if cfg.reference:
-        ref = _classifier(_load(cfg.reference, "reference"), ctx, cfg, ctx.device, tuple(ctx.data.input_shape), probe,
-                          "reference")
+        ref_model = _load(cfg.reference, "reference")
+        provenance["reference"] = weights_hash(ref_model)
+        ref = _classifier(ref_model, ctx, cfg, ctx.device, tuple(ctx.data.input_shape), probe, "reference")
+        check_outputs(ref, probe[:2].to(ctx.device), num_classes, "reference")
         ref_rows, _ = _run((ref,), ctx, cfg, indices, "reference", ctx.device)
         ctx.save_table("certify_reference", ref_rows)
         metrics.update(summarize(ref_rows, cfg.radii, "reference_"))
         metrics["acr_lost"] = metrics["reference_acr"] - metrics["acr"]
         curves["reference"] = ref_rows
     ctx.save_figure(plot_curves(curves, cfg), "certified_accuracy")
+    (ctx.out_dir / "provenance.json").write_text(json.dumps(provenance))  # what certify-merge checks
     if ctx.world_size > 1 and ctx.rank == 0:
         log(f"[{ctx.stage_id}] rank 0 of {ctx.world_size}: when every rank has finished, merge with "
             f"'deploypipe certify-merge <out>/rank*/{ctx.stage_id} --out <out>/merged'")

@@ -12,7 +12,8 @@ from scipy import stats
 
 from deploypipe.stages.certify.bounds import betainc, binom_test_two_sided_half, clopper_pearson_lower
 from deploypipe.stages.certify.smoothing import (ABSTAIN, certify, certify_drs, certify_drs_images, certify_images,
-                                                 drs_radius, image_generator, merge, predict, split, vote_counts)
+                                                 drs_radius, image_generator, merge, mix_seed, predict, side_generator,
+                                                 split, vote_counts)
 
 
 @pytest.mark.parametrize("k, n", [(0, 10), (1, 10), (7, 10), (10, 10), (12, 100), (100, 100), (50001, 100000),
@@ -200,3 +201,19 @@ def test_drs_sides_of_one_model_in_one_pass_equal_two_separate_models():
                              [image_generator(2, i, "cpu") for i in range(3)])
     assert one == two
     assert one == [certify_drs(f, f, x, 0.4, 10, 60, 0.01, 10, 1000, image_generator(2, i, "cpu")) for i, x in enumerate(xs)]
+
+
+def test_a_classifier_with_more_outputs_than_classes_is_refused_not_miscounted():
+    f = Counting(2 * 2 * 2, 0)  # 10 logits, but the data would have 9 classes
+    x = torch.rand(2, 2, 2)
+    with pytest.raises(ValueError, match=r"expected \(32, 9\)"):
+        vote_counts(f, [(x, 16, image_generator(0, 0, "cpu")), (x, 16, image_generator(0, 1, "cpu"))], 0.5, 9, 32)
+
+
+def test_the_right_sides_noise_is_no_images_left_noise():
+    # the right side's seed is derived by a 64-bit mix, not an affine map that lands on other images' seeds
+    for seed in range(4):
+        lefts = {image_generator(seed, i, "cpu").initial_seed() for i in range(20_000)}
+        rights = {side_generator(image_generator(seed, i, "cpu")).initial_seed() for i in range(20_000)}
+        assert len(rights) == 20_000 and not lefts & rights
+    assert mix_seed(0, 1) != mix_seed(0, 2) and 0 <= mix_seed(2**63 - 2, 1) < 2**63

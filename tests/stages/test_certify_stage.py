@@ -5,6 +5,7 @@ merge into exactly the unsharded result, also as torchrun ranks; DRS on half-wid
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -98,6 +99,33 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
     assert refused.returncode == 2 and "does not split its work" in refused.stderr and not (tmp_path / "tr-train").exists()
     missing = run_cli("certify-merge", "shard0/certify", "shard2/certify", "--out", "m2", cwd=tmp_path)
     assert missing.returncode == 2 and "not all k shards" in missing.stderr and not (tmp_path / "m2").exists()
+    # each shard records which seed, data and weights it certified; a shard of another run is refused
+    prov = [json.load(open(tmp_path / f"shard{i}" / "certify" / "provenance.json")) for i in range(3)]
+    assert prov[0] == prov[1] == prov[2] and len(prov[0]["model"]) == 64 and prov[0]["test_images"] == 450
+    shutil.copytree(tmp_path / "shard2" / "certify", tmp_path / "other2")
+    json.dump({**prov[2], "seed": prov[2]["seed"] + 1}, open(tmp_path / "other2" / "provenance.json", "w"))
+    other = run_cli("certify-merge", "shard0/certify", "shard1/certify", "other2", "--out", "m3", cwd=tmp_path)
+    assert other.returncode == 2 and "different seed" in other.stderr and not (tmp_path / "m3").exists()
+    shutil.copytree(tmp_path / "shard2" / "certify", tmp_path / "bad2")
+    (tmp_path / "bad2" / "certify.csv").write_text("index,label,prediction,radius\n4,1,1,wide\n")
+    bad2 = run_cli("certify-merge", "shard0/certify", "shard1/certify", "bad2", "--out", "m4", cwd=tmp_path)
+    assert bad2.returncode == 2 and "is not a certify table" in bad2.stderr and not (tmp_path / "m4").exists()
+    # --out never replaces a shard or a folder that is not an earlier merge output; an earlier merge it does
+    for target, why in (("shard0/certify", "would replace the shard"), ("all", "not an earlier merge output")):
+        r = run_cli("certify-merge", *[f"shard{i}/certify" for i in range(3)], "--out", target, cwd=tmp_path)
+        assert r.returncode == 2 and why in r.stderr, r.stderr
+    assert (tmp_path / "shard0" / "certify" / "certify.csv").is_file() and (tmp_path / "all" / "certify").is_dir()
+    again = run_cli("certify-merge", *[f"shard{i}/certify" for i in range(3)], "--out", "merged", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    # shards run with --reference merge both tables: the same model as its own reference loses exactly 0
+    for i in range(2):
+        part = run_cli(*common, "--reference", model, "--shard", f"{i}/2", "--out", f"ref{i}", cwd=tmp_path)
+        assert part.returncode == 0, part.stderr[-2000:]
+    merged = run_cli("certify-merge", "ref0/certify", "ref1/certify", "--out", "ref-merged", cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    got = json.load(open(tmp_path / "ref-merged" / "metrics.json"))
+    assert got["acr_lost"] == 0 and got["reference_acr"] == pytest.approx(whole["acr"]) and got["acr"] == pytest.approx(whole["acr"])
+    assert len(list(csv.DictReader(open(tmp_path / "ref-merged" / "certify_reference.csv")))) == 9
     drs = run_cli("certify", "--model", "zoo:digits_cnn", "--method", "drs", "--sigma", "0.18", "--n0", "10", "--n", "50",
                   "--num-images", "3", "--out", "drs", cwd=tmp_path)  # an untrained side model on 8x4 half-images
     assert drs.returncode == 0, drs.stderr[-2000:]
@@ -105,6 +133,25 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
     assert "p_lower_right" in row
     bad = run_cli("certify", "--model", model, "--shard", "3/3", "--out", "bad", cwd=tmp_path)
     assert bad.returncode == 2 and "0 <= i < k" in bad.stderr and not (tmp_path / "bad" / "certify").exists()
+
+
+def test_a_classifier_that_does_not_fit_the_data_is_refused_before_any_work():
+    import torch
+
+    from deploypipe.stages.certify.stage import check_outputs, weights_hash
+
+    x = torch.rand(2, 1, 8, 8)
+    check_outputs(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), x, 10, "model")
+    with pytest.raises(InputError, match="returns outputs of shape \\(11,\\), the data has 10 classes"):
+        check_outputs(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 11)), x, 10, "reference")
+    with pytest.raises(InputError, match="does not run on inputs of shape \\(1, 8, 8\\)"):
+        check_outputs(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 10)), x, 10, "model_right")
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    assert weights_hash(a) == weights_hash(b)
+    with torch.no_grad():
+        b.bias[0] += 1e-6
+    assert weights_hash(a) != weights_hash(b)
 
 
 def test_options_are_checked():
