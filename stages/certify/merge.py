@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import click
 import yaml
 
-from deploypipe.errors import InputError
-
 from pydantic import ValidationError
 
-from .stage import CertifyConfig, plot_curves, select_images, summarize
+from deploypipe.errors import InputError
+
+from .stage import CertifyConfig, plot_curves, reference_metrics, select_images, summarize
 
 
 FLOATS = ("radius", "seconds", "p_lower", "p_lower_right")
@@ -140,14 +141,11 @@ def certify_merge(shards: tuple[Path, ...], out: Path) -> None:
     curves = {"merged": rows}
     tmp = out.with_name(f".{out.name}.partial")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     tables = {"certify": rows}
     if ref_rows is not None:  # the --reference comparison (e.g. the FP32 model beside the quantized one)
-        metrics.update(summarize(ref_rows, cfg.radii, "reference_"))
-        metrics["acr_lost"] = metrics["reference_acr"] - metrics["acr"]
+        metrics.update(reference_metrics(rows, ref_rows, cfg.radii))
         curves = {"this model": rows, "reference": ref_rows}
         tables["certify_reference"] = ref_rows
     for name, table in tables.items():
@@ -159,8 +157,6 @@ def certify_merge(shards: tuple[Path, ...], out: Path) -> None:
     plot_curves(curves, cfg).savefig(tmp / "certified_accuracy.png", dpi=120, bbox_inches="tight")
     (tmp / MARKER).write_text(json.dumps({"shards": [str(s) for s in shards]}, indent=2))
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.rename(out)
     click.echo(", ".join(f"r={r:g}: {metrics[f'certified_acc_r{r:g}']:.3f}" for r in cfg.radii)

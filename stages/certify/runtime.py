@@ -12,6 +12,7 @@ forces PyTorch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import warnings
 from typing import Optional
@@ -28,8 +29,6 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        import hashlib
-
         if isinstance(source, bytes):
             self.digest = hashlib.sha256(source).hexdigest()  # which classifier was certified
         else:  # a path: ONNX Runtime reads it (and any external-data files beside it) itself

@@ -102,6 +102,13 @@ def summarize(rows: list[dict], radii: list[float], prefix: str = "") -> dict[st
     return out
 
 
+def reference_metrics(rows: list[dict], ref_rows: list[dict], radii: list[float]) -> dict[str, float]:
+    """The reference's metrics (``reference_`` prefix) and the ACR lost against it."""
+    out = summarize(ref_rows, radii, "reference_")
+    out["acr_lost"] = out["reference_acr"] - summarize(rows, radii)["acr"]
+    return out
+
+
 def _run(models, ctx: StageContext, cfg: CertifyConfig, indices: list[int], label: str,
          device: torch.device) -> tuple[list[dict], float]:
     """Certify the images ``indices``, several per forward pass when n0 + n is small against the batch
@@ -331,8 +338,7 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
         check_outputs(ref, probe[:2].to(ctx.device), num_classes, "reference")
         ref_rows, _ = _run((ref,), ctx, cfg, indices, "reference", ctx.device)
         ctx.save_table("certify_reference", ref_rows)
-        metrics.update(summarize(ref_rows, cfg.radii, "reference_"))
-        metrics["acr_lost"] = metrics["reference_acr"] - metrics["acr"]
+        metrics.update(reference_metrics(rows, ref_rows, cfg.radii))
         curves["reference"] = ref_rows
     ctx.save_figure(plot_curves(curves, cfg), "certified_accuracy")
     (ctx.out_dir / "provenance.json").write_text(json.dumps(provenance))  # what certify-merge checks
