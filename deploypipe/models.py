@@ -225,8 +225,10 @@ def content_hash(path: str | Path) -> str:
 
 # --------------------------------------------------------------------------- from a user's spec
 def model_from_spec(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int,
-                    mean: list[float], std: list[float]) -> tuple[nn.Module, ModelRecord]:
-    """Build (and load) the model a pipeline starts from; checks it fits the data.
+                    mean: list[float], std: list[float],
+                    fits: Optional[tuple[int, ...]] = None) -> tuple[nn.Module, ModelRecord]:
+    """Build (and load) the model a pipeline starts from; checks it fits the data (images of shape
+    ``fits`` when the first stage feeds it other than the data's, e.g. DRS half-images).
 
     - a saved model folder: reloaded as is;
     - ``zoo:NAME``: built for the data's channels, classes and normalisation statistics;
@@ -258,7 +260,7 @@ def model_from_spec(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: 
         if spec.checkpoint:  # the user's weights are for their own net, inside our Normalize wrapper
             target = model.net if record.normalize else model
             _load_state(target, _read_state(Path(spec.checkpoint)), str(spec.checkpoint), spec.spec)
-    check_fits_data(model, input_shape, num_classes, spec.spec)
+    check_fits_data(model, fits or input_shape, num_classes, spec.spec)
     return model, record
 
 
@@ -269,7 +271,7 @@ def check_fits_data(model: nn.Module, input_shape: tuple[int, ...], num_classes:
         with torch.no_grad():
             out = model(torch.rand(2, *input_shape))
     except Exception as err:
-        raise InputError(f"model '{name}' cannot take the data's images of shape {tuple(input_shape)}: "
+        raise InputError(f"model '{name}' cannot take input images of shape {tuple(input_shape)}: "
                          f"{type(err).__name__}: {str(err).splitlines()[0]}",
                          "use a model built for this input size/channels, or set data.image_size") from None
     finally:

@@ -178,7 +178,11 @@ class Pipeline:
         self.data: Splits = load_data(cfg.data)
         mean, std = self.data.channel_stats()
         seed_everything(self.seed)  # fresh weights of a zoo model are part of the reproducible run
-        self.model, self.record = model_from_spec(cfg.model, self.data.input_shape, self.data.num_classes, mean, std)
+        fits = tuple(self.data.input_shape)  # what the first stage feeds the pipeline's model
+        if self.stage_defs and self.stage_defs[0][1].model_input_shape:
+            fits = tuple(self.stage_defs[0][1].model_input_shape(self.stage_defs[0][2], fits))
+        self.model, self.record = model_from_spec(cfg.model, self.data.input_shape, self.data.num_classes, mean, std,
+                                                  fits=fits)
         self.input_hash = _spec_hash(cfg)
 
     def stage_key(self, entry: Any, typed: Any, input_hash: str) -> str:

@@ -83,6 +83,8 @@ class StageDef:
     run: Callable[[StageContext, BaseModel], StageResult]
     help: str
     splits_over_ranks: bool = False  # runs under torchrun, each rank doing its share (ctx.rank / ctx.world_size)
+    # the image shape the stage feeds its input model, given its config and the data's shape (default: the data's)
+    model_input_shape: Optional[Callable[[Any, tuple[int, ...]], tuple[int, ...]]] = None
 
 
 REGISTRY: dict[str, StageDef] = {}
@@ -95,17 +97,21 @@ def register_command(command: Any) -> Any:
     return command
 
 
-def register(name: str, help: str = "", splits_over_ranks: bool = False) -> Callable:
+def register(name: str, help: str = "", splits_over_ranks: bool = False,
+             model_input_shape: Optional[Callable[[Any, tuple[int, ...]], tuple[int, ...]]] = None) -> Callable:
     """Register a stage; its config schema is the type of the run function's ``cfg`` argument.
     ``splits_over_ranks``: the stage divides its work by ``ctx.rank`` / ``ctx.world_size``, so it may
-    run under torchrun (other stages are refused there: every rank would redo all of it)."""
+    run under torchrun (other stages are refused there: every rank would redo all of it).
+    ``model_input_shape(cfg, data_shape)``: the image shape the stage feeds its input model when that
+    is not the data's (DRS certification: half-images); a pipeline's model is checked against it."""
 
     def deco(fn: Callable) -> Callable:
         hints = typing.get_type_hints(fn)
         cfg_type = hints.get("cfg")
         if not (isinstance(cfg_type, type) and issubclass(cfg_type, BaseModel)):
             raise TypeError(f"stage '{name}': run(ctx, cfg) must annotate cfg with a pydantic model")
-        REGISTRY[name] = StageDef(name, cfg_type, fn, help or (fn.__doc__ or "").strip().split("\n")[0], splits_over_ranks)
+        REGISTRY[name] = StageDef(name, cfg_type, fn, help or (fn.__doc__ or "").strip().split("\n")[0], splits_over_ranks,
+                                  model_input_shape)
         return fn
 
     return deco

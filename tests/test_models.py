@@ -151,7 +151,7 @@ def test_bad_model_specs(user_module, tmp_path, spec, kwargs, match):
 def test_model_that_does_not_fit_the_data(user_module):
     with pytest.raises(InputError, match="outputs shape .* 3 classes"):
         model_from_spec(ModelSpec(spec="user_models_for_test:make"), (1, 8, 8), 3, [0.0], [1.0])
-    with pytest.raises(InputError, match="cannot take the data's images"):
+    with pytest.raises(InputError, match="cannot take input images of shape"):
         model_from_spec(ModelSpec(spec="user_models_for_test:make"), (3, 32, 32), 10, [0.0], [1.0])
 
 

@@ -10,7 +10,10 @@ share every setting but ``shard``, have certified the same seed, data and classi
 image of it once; the noise of an image depends only on (seed, image index), so the merged CSV equals
 the unsharded one (up to the timing column). Shards run with ``--reference`` merge both tables, so
 the robustness lost to compression (``acr_lost``) survives sharding. ``--out`` must be new, empty or
-an earlier merge output (never a shard or a work directory: it is replaced).
+an earlier merge output (never a shard or a work directory: it is replaced). The merged result is
+also an MLflow run (``certify-merge`` in the experiment, default the pipeline's ``deploypipe``) with
+the settings, the shard folders, the metrics and the merged folder's files; the tracking store is
+checked before anything is written.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import yaml
 from pydantic import ValidationError
 
 from deploypipe.errors import InputError
+from deploypipe.tracking import StageTracker, Tracker, check_reachable, default_uri, resolve_uri
 
 from .stage import CertifyConfig, plot_curves, reference_metrics, select_images, summarize
 
@@ -100,7 +104,10 @@ def merge_shards(folders: list[Path]) -> tuple[CertifyConfig, list[dict], list[d
     if len(set(indices)) != len(indices):
         raise InputError("an image appears in more than one shard", "give each shard folder once")
     try:
-        cfg = CertifyConfig.model_validate({**common[0], "shard": None})
+        settings = {**common[0], "shard": None}
+        if settings.get("every") is not None:  # configs saved before num_images and every became exclusive held both
+            settings["num_images"] = None
+        cfg = CertifyConfig.model_validate(settings)
     except ValidationError as err:
         raise InputError(f"the shards' config.yaml is not a certify config ({err.errors()[0]['msg']})",
                          "give the folders certify wrote, unedited") from None
@@ -119,7 +126,12 @@ def merge_shards(folders: list[Path]) -> tuple[CertifyConfig, list[dict], list[d
 @click.argument("shards", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="folder for the merged certify.csv, metrics.json and certified_accuracy.png")
-def certify_merge(shards: tuple[Path, ...], out: Path) -> None:
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
+              help="where the default MLflow store (mlflow.db, mlartifacts/) lives")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, then "
+              "sqlite:///<workdir>/mlflow.db)")
+@click.option("--experiment", default="deploypipe", show_default=True, help="MLflow experiment name")
+def certify_merge(shards: tuple[Path, ...], out: Path, workdir: Path, tracking_uri: str | None, experiment: str) -> None:
     """Merge sharded certify outputs into one result.
 
     \b
@@ -136,6 +148,10 @@ def certify_merge(shards: tuple[Path, ...], out: Path) -> None:
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise InputError(f"certify-merge --out {out} exists and is not an earlier merge output",
                          "give a new or empty folder (an earlier certify-merge output is replaced)")
+    uri = resolve_uri(tracking_uri, None, workdir)
+    if uri == default_uri(workdir):
+        workdir.mkdir(parents=True, exist_ok=True)
+    check_reachable(uri)
     metrics = summarize(rows, cfg.radii)
     metrics["images"] = float(len(rows))
     curves = {"merged": rows}
@@ -159,7 +175,16 @@ def certify_merge(shards: tuple[Path, ...], out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+    tracker = Tracker(uri, experiment, workdir / "mlartifacts")
+    run_id = tracker.start_pipeline("certify-merge", {"certify": cfg.model_dump(mode="json"),
+                                                      "shards": [str(s) for s in shards]},
+                                    tags={"deploypipe.kind": "certify-merge", "deploypipe.stage": "certify"})
+    run = StageTracker(tracker, run_id)
+    run.log_metrics(metrics)
+    run.flush()
+    run.log_artifacts(out)
+    tracker.end_pipeline("FINISHED")
     click.echo(", ".join(f"r={r:g}: {metrics[f'certified_acc_r{r:g}']:.3f}" for r in cfg.radii)
                + f"; ACR {metrics['acr']:.3f} over {len(rows)} images"
                + (f"; reference ACR {metrics['reference_acr']:.3f}, lost {metrics['acr_lost']:.3f}" if ref_rows else "")
-               + f" -> {out}")
+               + f" -> {out} (MLflow run {run_id} in {uri})")

@@ -44,7 +44,7 @@ class CertifyConfig(Schema):
     n: int = Field(100_000, ge=1, description="noisy samples to estimate its probability")
     alpha: float = Field(0.001, gt=0, lt=1, description="failure probability of each certificate")
     num_images: Optional[int] = Field(500, ge=1, description="test images, evenly spaced (null = all)")
-    every: Optional[int] = Field(None, ge=1, description="every k-th test image (overrides num_images)")
+    every: Optional[int] = Field(None, ge=1, description="every k-th test image (instead of num_images; give one of the two)")
     shard: Optional[str] = Field(None, description="i/k: certify only the i-th of k interleaved shards (0-based)")
     batch_size: int = Field(1000, ge=1, description="noisy copies per forward pass (halved on out-of-memory)")
     model_right: Optional[str] = Field(None, description="DRS: the right-side base classifier (a saved model/ folder); default: the pipeline's model for both sides")
@@ -67,6 +67,15 @@ class CertifyConfig(Schema):
         if not 0 <= i < k:
             raise ValueError(f"shard i/k needs 0 <= i < k, got {value!r}")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_image_choice(cls, data):
+        if isinstance(data, dict) and data.get("every") is not None:
+            if data.get("num_images") is not None:
+                raise ValueError("give num_images or every, not both (every k-th test image replaces the evenly spaced num_images)")
+            data = {**data, "num_images": None}  # the saved config says which images were certified
+        return data
 
     @model_validator(mode="after")
     def _choice(self) -> "CertifyConfig":
@@ -162,6 +171,7 @@ class _Autocast(torch.nn.Module):
         super().__init__()
         self.model, self.device_type = model, torch.device(device).type
         self.dtype = torch.float16 if self.device_type == "cuda" else torch.bfloat16
+        self.agreement = float("nan")  # top-1 agreement with float32 on noisy probes, set by _classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=self.dtype):
@@ -191,7 +201,16 @@ def _classifier(model: torch.nn.Module, ctx: StageContext, cfg: CertifyConfig, d
             return session
         if cfg.runtime == "onnxruntime":
             raise InputError(f"certify runtime onnxruntime: {why}", "use --runtime torch (or auto)")
-    return _prepare(model, cfg, device)
+    prepared = _prepare(model, cfg, device)
+    if isinstance(prepared, _Autocast):  # the certificate is for the reduced-precision classifier: say how close it is
+        with torch.inference_mode():
+            x = probe.to(device)
+            want = model.to(device).eval()(x).argmax(1)
+            got = prepared(x).argmax(1)
+        prepared.agreement = float((got == want).float().mean())
+        log(f"[{ctx.stage_id}] {what}: under autocast ({prepared.dtype}) the top-1 agrees with float32 on "
+            f"{100 * prepared.agreement:.2f}% of {x.shape[0]} noisy probes; the certificate is for the {prepared.dtype} classifier")
+    return prepared
 
 
 def _probe(ctx: StageContext, cfg: CertifyConfig) -> torch.Tensor:
@@ -266,8 +285,13 @@ from .merge import certify_merge  # noqa: E402  (the command needs this module's
 register_command(certify_merge)
 
 
+def model_input_shape(cfg: CertifyConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """DRS feeds the model (the left, or both sides) C x H x W/2 half-images; RS the data's images."""
+    return (*shape[:-1], shape[-1] // 2) if cfg.method == "drs" and shape[-1] % 2 == 0 else tuple(shape)
+
+
 @register("certify", help="Certified L2 robustness by randomized smoothing (rs) or dual randomized smoothing (drs), sound radii",
-          splits_over_ranks=True)
+          splits_over_ranks=True, model_input_shape=model_input_shape)
 def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
     device = ctx.device
     shard = cfg.shard
@@ -330,6 +354,8 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
     if shard:  # what certify-merge checks (under torchrun the config itself has no shard)
         metrics["shard_index"], metrics["shard_count"] = (float(v) for v in shard.split("/"))
     metrics["onnxruntime"] = float(isinstance(models[0], OnnxClassifier))
+    if isinstance(models[0], _Autocast):
+        metrics["autocast_top1_agreement"] = min(m.agreement for m in models)
     curves = {"this model": rows}
     if cfg.reference:
         ref_model = _load(cfg.reference, "reference")

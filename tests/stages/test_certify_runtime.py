@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_cli
+from conftest import last_json, run_cli
 from deploypipe.stages.certify.runtime import to_onnxruntime
 from deploypipe.zoo import digits_cnn
 
@@ -59,5 +59,13 @@ def test_certify_in_either_runtime_gives_the_same_certificates(tmp_path):
         assert a["prediction"] == b["prediction"]
         assert abs(int(a["count"]) - int(b["count"])) <= 1  # a noisy copy on a float tie may vote otherwise
         assert float(a["radius"]) == pytest.approx(float(b["radius"]), abs=0.01)
+    # bfloat16 autocast certifies the reduced-precision classifier and says how close it is to float32
+    res = run_cli(*common, "--autocast", "--out", "bf16", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "under autocast (torch.bfloat16) the top-1 agrees with float32" in res.stderr
+    metrics = last_json(res.stdout)["stages"][0]["metrics"]
+    assert 0.9 <= metrics["autocast_top1_agreement"] <= 1.0 and metrics["onnxruntime"] == 0.0
+    bf16 = list(csv.DictReader(open(tmp_path / "bf16" / "certify" / "certify.csv")))
+    assert sum(a["prediction"] == b["prediction"] for a, b in zip(runs["torch"], bf16)) >= 5
     bad = run_cli(*common, "--runtime", "onnxruntime", "--autocast", "--out", "bad", cwd=tmp_path)
     assert bad.returncode == 2 and "autocast is PyTorch's" in bad.stderr and not (tmp_path / "bad" / "certify").exists()

@@ -83,6 +83,16 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
     got = json.load(open(tmp_path / "merged" / "metrics.json"))
     assert all(got[k] == pytest.approx(whole[k]) for k in got)  # the same metrics as the unsharded run
     assert (tmp_path / "merged" / "certified_accuracy.png").is_file()
+    from mlflow import MlflowClient  # the merged result is an MLflow run too, beside the shards' stage runs
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("deploypipe")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`deploypipe.kind` = 'certify-merge'")
+    assert run.data.metrics["acr"] == pytest.approx(whole["acr"]) and run.data.params["certify.num_images"] == "9"
+    assert {"certify.csv", "certified_accuracy.png", "metrics.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    offline = run_cli("certify-merge", *[f"shard{i}/certify" for i in range(3)], "--out", "m0",
+                      "--tracking-uri", "http://127.0.0.1:9", cwd=tmp_path)
+    assert offline.returncode == 2 and "unreachable" in offline.stderr and not (tmp_path / "m0").exists()
     # torchrun, one shard per rank: each rank writes <out>/rank<r>/certify, and they merge to the same result
     launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
                              "-m", "deploypipe.cli", "--", *common, "--out", "tr"], cwd=tmp_path, capture_output=True,
@@ -159,6 +169,11 @@ def test_options_are_checked():
         validate(CertifyConfig, {"model_right": "x"}, "certify")
     with pytest.raises(InputError, match="shard must be i/k"):
         validate(CertifyConfig, {"shard": "half"}, "certify")
+    with pytest.raises(InputError, match="give num_images or every, not both"):
+        validate(CertifyConfig, {"num_images": 100, "every": 20}, "certify")
+    cfg = validate(CertifyConfig, {"every": 20}, "certify")  # the saved config names the images certified
+    assert (cfg.num_images, cfg.every) == (None, 20)
+    assert validate(CertifyConfig, cfg.model_dump(), "certify") == cfg
 
 
 def test_autocast_wrapper_keeps_float32_at_the_boundary():
@@ -172,3 +187,17 @@ def test_autocast_wrapper_keeps_float32_at_the_boundary():
     out = _Autocast(model, torch.device("cpu"))(x)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, model(x), atol=0.1, rtol=0.1)  # bfloat16 inside: close, not equal
+
+
+def test_drs_takes_a_side_model_that_only_fits_half_images(tmp_path):
+    # a side model with a fixed input size (here 1 x 8 x 4 for the 8 x 8 digits) is checked against the
+    # half-images DRS feeds it, not against the data's full images
+    (tmp_path / "halfmlp.py").write_text("from torch import nn\n\n\ndef mlp():\n"
+                                         "    return nn.Sequential(nn.Flatten(), nn.Linear(32, 10))\n")
+    common = ["certify", "--model", "halfmlp:mlp", "--n0", "10", "--n", "50", "--num-images", "2"]
+    drs = run_cli(*common, "--method", "drs", "--out", "drs", cwd=tmp_path)
+    assert drs.returncode == 0, drs.stderr[-2000:]
+    assert len(list(csv.DictReader(open(tmp_path / "drs" / "certify" / "certify.csv")))) == 2
+    rs = run_cli(*common, "--out", "rs", cwd=tmp_path)  # RS feeds it full images: refused, nothing written
+    assert rs.returncode == 2 and "cannot take input images of shape (1, 8, 8)" in rs.stderr
+    assert not (tmp_path / "rs" / "certify").exists()
