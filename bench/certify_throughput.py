@@ -69,6 +69,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--ours", default="onnxruntime,torch,autocast",
                     help="which deploypipe configurations to time beside the reference")
+    ap.add_argument("--forward-batch", type=int, default=None,
+                    help="deploypipe's forward chunk (default: certify's own, 64 on the CPU)")
+    ap.add_argument("--reference-batches", default="",
+                    help="also time the reference at these other batch sizes, e.g. 128, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -78,7 +82,7 @@ def main() -> None:
     from deploypipe.models import load_model
     from deploypipe.stages.certify.smoothing import certify, image_generator
     from deploypipe.stages.certify.runtime import to_onnxruntime
-    from deploypipe.stages.certify.stage import CertifyConfig, _prepare
+    from deploypipe.stages.certify.stage import CPU_FORWARD_BATCH, CertifyConfig, _prepare
 
     model = load_model(args.model).to(device).eval()
     data = load_data(DataSpec(source=args.data))
@@ -100,6 +104,9 @@ def main() -> None:
     reference = Smooth(model, len(data.classes), args.sigma)
     torch.manual_seed(0)
     measure("reference core.py (as published)", lambda i, x: reference.certify(x.to(device), args.n0, args.n, args.alpha, args.batch_size))
+    for b in (int(v) for v in args.reference_batches.split(",") if v):
+        measure(f"reference core.py at batch {b}", lambda i, x, b=b: reference.certify(x.to(device), args.n0, args.n, args.alpha, b))
+    forward = args.forward_batch or (CPU_FORWARD_BATCH if device.type == "cpu" else None)
     wanted = set(args.ours.split(","))
     classifiers = []
     if "torch" in wanted:
@@ -118,11 +125,11 @@ def main() -> None:
     for label, ours in classifiers:
         measure(label, lambda i, x, ours=ours: (lambda c: (c.prediction, c.radius))(
             certify(ours, x.to(device), args.sigma, args.n0, args.n, args.alpha, len(data.classes), args.batch_size,
-                    image_generator(0, i, device))))
+                    image_generator(0, i, device), forward)))
 
     base = rows[0]["s_per_image"]
     print(f"\nmodel `{args.model}`, sigma {args.sigma}, n0 {args.n0}, n {args.n:,}, alpha {args.alpha}, batch "
-          f"{args.batch_size}, {len(images)} test images (every 20th), {args.threads} CPU threads, device {device}\n")
+          f"{args.batch_size} (deploypipe's forward chunk {forward}), {len(images)} test images (every 20th), {args.threads} CPU threads, device {device}\n")
     print("| implementation | s / image | noise samples / s | speed-up | predictions (label) / radii |")
     print("|---|---|---|---|---|")
     for r in rows:

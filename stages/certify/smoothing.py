@@ -88,14 +88,17 @@ Job = tuple[torch.Tensor, int, torch.Generator]  # (image C x H x W, noisy copie
 
 
 @torch.inference_mode()
-def vote_counts(model: Classifier, jobs: list[Job], sigma: float, num_classes: int, batch_size: int) -> torch.Tensor:
+def vote_counts(model: Classifier, jobs: list[Job], sigma: float, num_classes: int, batch_size: int,
+                forward_batch: Optional[int] = None) -> torch.Tensor:
     """Votes of ``model`` for each job (image, count, generator): a (jobs x num_classes) LongTensor on
     the images' device, with no host sync.
 
     Each job's noise is drawn from its own generator in chunks of min(batch_size, remaining), so it
     does not depend on which other jobs share a forward pass; chunks of several jobs (several images
     when n is small, or both DRS sides of a shared model) are packed into one batch of at most
-    ``batch_size`` noisy copies. Noise and x + noise are float32."""
+    ``batch_size`` noisy copies. Noise and x + noise are float32. ``forward_batch``: the model sees each
+    batch in chunks of at most this many (a CPU runs a small network faster on batches that stay in its
+    caches); the noise does not depend on it."""
     device = jobs[0][0].device
     counts = torch.zeros(len(jobs) * num_classes, dtype=torch.long, device=device)
     pending: list[tuple[torch.Tensor, int]] = []
@@ -106,7 +109,10 @@ def vote_counts(model: Classifier, jobs: list[Job], sigma: float, num_classes: i
         if not pending:
             return
         batch = pending[0][0] if len(pending) == 1 else torch.cat([b for b, _ in pending])
-        logits = model(batch)
+        if forward_batch and batch.shape[0] > forward_batch:
+            logits = torch.cat([model(chunk) for chunk in batch.split(forward_batch)])
+        else:
+            logits = model(batch)
         if logits.dim() != 2 or logits.shape[0] != batch.shape[0] or logits.shape[1] != num_classes:
             # a wider output would spill votes into the next job's counts (an unsound radius)
             raise ValueError(f"the base classifier returned logits of shape {tuple(logits.shape)} for "
@@ -159,13 +165,14 @@ def rs_radius(p_lower: float, sigma: float) -> float:
 
 
 def certify_images(model: Classifier, images: list[torch.Tensor], sigma: float, n0: int, n: int, alpha: float,
-                   num_classes: int, batch_size: int, generators: list[torch.Generator]) -> list[Certificate]:
+                   num_classes: int, batch_size: int, generators: list[torch.Generator],
+                   forward_batch: Optional[int] = None) -> list[Certificate]:
     """Cohen et al.'s CERTIFY for several images at once (one forward pass holds several images when
     n0 + n is small against the batch size) and one host sync for all of them. Per image: the n0
     selection copies come first from its generator, then the n estimation copies, so each result is
     the one ``certify`` gives for that image alone."""
     jobs = [job for x, g in zip(images, generators) for job in ((x, n0, g), (x, n, g))]
-    counts = vote_counts(model, jobs, sigma, num_classes, batch_size)
+    counts = vote_counts(model, jobs, sigma, num_classes, batch_size, forward_batch)
     top = counts[0::2].argmax(1)
     k = counts[1::2].gather(1, top[:, None])[:, 0]
     out = []
@@ -176,9 +183,9 @@ def certify_images(model: Classifier, images: list[torch.Tensor], sigma: float, 
 
 
 def certify(model: Classifier, x: torch.Tensor, sigma: float, n0: int, n: int, alpha: float, num_classes: int,
-            batch_size: int, generator: torch.Generator) -> Certificate:
+            batch_size: int, generator: torch.Generator, forward_batch: Optional[int] = None) -> Certificate:
     """Cohen et al.'s CERTIFY for one image."""
-    return certify_images(model, [x], sigma, n0, n, alpha, num_classes, batch_size, [generator])[0]
+    return certify_images(model, [x], sigma, n0, n, alpha, num_classes, batch_size, [generator], forward_batch)[0]
 
 
 def predict(model: Classifier, x: torch.Tensor, sigma: float, n: int, alpha: float, num_classes: int,
@@ -203,7 +210,7 @@ def drs_radius(p_left: float, p_right: float, sigma: float) -> float:
 
 def certify_drs_images(left_model: Classifier, right_model: Classifier, images: list[torch.Tensor], sigma: float,
                        n0: int, n: int, alpha: float, num_classes: int, batch_size: int,
-                       generators: list[torch.Generator]) -> list[Certificate]:
+                       generators: list[torch.Generator], forward_batch: Optional[int] = None) -> list[Certificate]:
     """DRS CERTIFY for several images: candidate = argmax of the summed selection votes of the two
     sides; each side's lower bound at alpha / 2; the sound radius. When both sides are the same
     model, both halves go through it in the same forward passes. The left half's noise comes from the
@@ -213,11 +220,11 @@ def certify_drs_images(left_model: Classifier, right_model: Classifier, images: 
     right_gens = [side_generator(g) for g in generators]
     right_jobs = [job for (_, xr), g in zip(halves, right_gens) for job in ((xr, n0, g), (xr, n, g))]
     if left_model is right_model:
-        both = vote_counts(left_model, left_jobs + right_jobs, sigma, num_classes, batch_size)
+        both = vote_counts(left_model, left_jobs + right_jobs, sigma, num_classes, batch_size, forward_batch)
         left, right = both[:len(left_jobs)], both[len(left_jobs):]
     else:
-        left = vote_counts(left_model, left_jobs, sigma, num_classes, batch_size)
-        right = vote_counts(right_model, right_jobs, sigma, num_classes, batch_size)
+        left = vote_counts(left_model, left_jobs, sigma, num_classes, batch_size, forward_batch)
+        right = vote_counts(right_model, right_jobs, sigma, num_classes, batch_size, forward_batch)
     top = (left[0::2] + right[0::2]).argmax(1)
     kl = left[1::2].gather(1, top[:, None])[:, 0]
     kr = right[1::2].gather(1, top[:, None])[:, 0]
@@ -230,7 +237,8 @@ def certify_drs_images(left_model: Classifier, right_model: Classifier, images: 
 
 
 def certify_drs(left_model: Classifier, right_model: Classifier, x: torch.Tensor, sigma: float, n0: int, n: int,
-                alpha: float, num_classes: int, batch_size: int, generator: torch.Generator) -> Certificate:
+                alpha: float, num_classes: int, batch_size: int, generator: torch.Generator,
+                forward_batch: Optional[int] = None) -> Certificate:
     """DRS CERTIFY for one image (see ``certify_drs_images``)."""
     return certify_drs_images(left_model, right_model, [x], sigma, n0, n, alpha, num_classes, batch_size,
-                              [generator])[0]
+                              [generator], forward_batch)[0]

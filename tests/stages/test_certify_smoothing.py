@@ -177,6 +177,10 @@ def test_several_images_per_pass_give_each_image_its_own_result():
     certify_images(f, xs, 0.3, 20, 80, 0.01, 10, 250, [image_generator(1, i, "cpu") for i in range(5)])
     # chunks of 20 and 80 copies are packed greedily in order, never split, never beyond the batch size
     assert (f.calls, f.largest) == (3, 220)
+    f.calls, f.largest = 0, 0  # the model may see each batch in smaller chunks: the same noise, the same result
+    chunked = certify_images(f, xs, 0.3, 20, 80, 0.01, 10, 1000, [image_generator(1, i, "cpu") for i in range(5)],
+                             forward_batch=64)
+    assert chunked == alone and (f.calls, f.largest) == (8, 64)  # 500 copies: 7 x 64 + 52
 
 
 def test_vote_counts_are_exact_counts_of_the_noisy_predictions():
