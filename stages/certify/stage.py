@@ -57,7 +57,7 @@ class CertifyConfig(Schema):
     channels_last: bool = Field(True, description="channels_last memory format for the base classifier")
     autocast: bool = Field(False, description="run the base classifier under autocast (float16 on CUDA, bfloat16 on CPU); noise and x + noise stay float32")
     onnx: Optional[str] = Field(None, description="certify this ONNX file (e.g. quantize's model.onnx) in ONNX Runtime instead of the pipeline's PyTorch model (rs)")
-    runtime: Literal["auto", "torch", "onnxruntime"] = Field("auto", description="where the base classifier runs: auto = ONNX Runtime on the CPU when the exported model agrees with PyTorch on noisy probes (2-3x faster there), else PyTorch")
+    runtime: Literal["auto", "torch", "onnxruntime"] = Field("auto", description="where the base classifier runs: auto = ONNX Runtime on the CPU when the exported model agrees with PyTorch on noisy probes (1.3-2.5x faster there), else PyTorch")
 
     @field_validator("shard")
     @classmethod
