@@ -5,8 +5,8 @@ small CIFAR network faster than PyTorch's eager mode (ResNet-20 on 2 cores: 1.3x
 at 1000; bench/certify_throughput.py). With ``runtime: auto`` a PyTorch model on the CPU is exported
 to ONNX (float32, dynamic batch) and certified in ONNX Runtime if, on noisy copies of test images,
 the two agree on every prediction and their logits differ by less than 1e-3 (else it stays in
-PyTorch, with the reason in the log). The certificate is for the classifier that ran, so the choice never affects soundness; ``runtime: torch``
-forces PyTorch.
+PyTorch, with the reason in the log). The certificate is for the classifier that ran, so the choice
+never affects soundness; ``runtime: torch`` forces PyTorch.
 """
 
 from __future__ import annotations
