@@ -288,6 +288,12 @@ def load_data(spec: DataSpec, workers: int = 2) -> Splits:
 
 
 # --------------------------------------------------------------------------- DRS half-images
+def half_image_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The C x H x W/2 shape of ``diagonal_split``'s halves (the shape itself when W is odd: the
+    stages say why they cannot split it)."""
+    return (*shape[:-1], shape[-1] // 2) if shape[-1] % 2 == 0 else tuple(shape)
+
+
 def diagonal_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., C, H, W) -> two (..., C, H, W/2): per 2x2 block, the main diagonal left, the anti-diagonal
     right (each row alternates which pixel of a horizontal pair goes where). W must be even. The

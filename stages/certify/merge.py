@@ -12,8 +12,8 @@ the unsharded one (up to the timing column). Shards run with ``--reference`` mer
 the robustness lost to compression (``acr_lost``) survives sharding. ``--out`` must be new, empty or
 an earlier merge output (never a shard or a work directory: it is replaced). The merged result is
 also an MLflow run (``certify-merge`` in the experiment, default the pipeline's ``deploypipe``) with
-the settings, the shard folders, the metrics and the merged folder's files; the tracking store is
-checked before anything is written.
+the settings, the shard folders, the metrics and the merged folder's files; the run is started before
+anything is written, so a tracking store that cannot take it stops the merge with nothing written.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import yaml
 from pydantic import ValidationError
 
 from deploypipe.errors import InputError
+from deploypipe.stage import register_command
 from deploypipe.tracking import StageTracker, Tracker, check_reachable, default_uri, resolve_uri
 
 from .stage import CertifyConfig, plot_curves, reference_metrics, select_images, summarize
@@ -72,6 +73,16 @@ def _read_shard(folder: Path) -> tuple[dict, list[dict], dict, list[dict] | None
     return cfg, _read_table(table), provenance, (_read_table(reference) if reference.is_file() else None)
 
 
+def _settings(config: dict) -> dict:
+    """A shard's settings as compared across shards: without the shard itself and the forward chunk
+    (which does not change the noise), and with num_images null beside every (configs saved before
+    the two became exclusive held both)."""
+    out = {k: v for k, v in config.items() if k not in ("shard", "forward_batch")}
+    if out.get("every") is not None:
+        out["num_images"] = None
+    return out
+
+
 def merge_shards(folders: list[Path]) -> tuple[CertifyConfig, list[dict], list[dict] | None]:
     """Check the shards belong together (settings, seed, data, classifiers, one split, every image
     once) and return their settings, rows and reference rows (None without), sorted by image index."""
@@ -89,7 +100,7 @@ def merge_shards(folders: list[Path]) -> tuple[CertifyConfig, list[dict], list[d
         diff = sorted({k for p in provenances for k in set(p) | set(known[0]) if p.get(k) != known[0].get(k)})
         raise InputError(f"the shards certified different {', '.join(diff)} (provenance.json)",
                          "merge only shards of one certify command: same seed, data and models")
-    common = [{k: v for k, v in c.items() if k != "shard"} for c in configs]
+    common = [_settings(c) for c in configs]
     if any(c != common[0] for c in common[1:]):
         diff = sorted({k for c in common[1:] for k in c if c.get(k) != common[0].get(k)})
         raise InputError(f"the shards were certified with different settings ({', '.join(diff)})",
@@ -104,10 +115,7 @@ def merge_shards(folders: list[Path]) -> tuple[CertifyConfig, list[dict], list[d
     if len(set(indices)) != len(indices):
         raise InputError("an image appears in more than one shard", "give each shard folder once")
     try:
-        settings = {**common[0], "shard": None}
-        if settings.get("every") is not None:  # configs saved before num_images and every became exclusive held both
-            settings["num_images"] = None
-        cfg = CertifyConfig.model_validate(settings)
+        cfg = CertifyConfig.model_validate({**common[0], "shard": None})
     except ValidationError as err:
         raise InputError(f"the shards' config.yaml is not a certify config ({err.errors()[0]['msg']})",
                          "give the folders certify wrote, unedited") from None
@@ -122,6 +130,36 @@ def merge_shards(folders: list[Path]) -> tuple[CertifyConfig, list[dict], list[d
     return cfg, sorted(rows, key=lambda r: r["index"]), ref_rows
 
 
+def _write(out: Path, cfg: CertifyConfig, rows: list[dict], ref_rows: list[dict] | None,
+           shards: tuple[Path, ...]) -> dict[str, float]:
+    """The merged tables, metrics and plot, written beside ``out`` and moved into place; the metrics."""
+    metrics = summarize(rows, cfg.radii)
+    metrics["images"] = float(len(rows))
+    curves = {"merged": rows}
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tables = {"certify": rows}
+    if ref_rows is not None:  # the --reference comparison (e.g. the FP32 model beside the quantized one)
+        metrics.update(reference_metrics(rows, ref_rows, cfg.radii))
+        curves = {"this model": rows, "reference": ref_rows}
+        tables["certify_reference"] = ref_rows
+    for name, table in tables.items():
+        with open(tmp / f"{name}.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in table for k in r)))
+            writer.writeheader()
+            writer.writerows(table)
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_curves(curves, cfg).savefig(tmp / "certified_accuracy.png", dpi=120, bbox_inches="tight")
+    (tmp / MARKER).write_text(json.dumps({"shards": [str(s) for s in shards]}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return metrics
+
+
+@register_command
 @click.command("certify-merge")
 @click.argument("shards", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -149,40 +187,34 @@ def certify_merge(shards: tuple[Path, ...], out: Path, workdir: Path, tracking_u
         raise InputError(f"certify-merge --out {out} exists and is not an earlier merge output",
                          "give a new or empty folder (an earlier certify-merge output is replaced)")
     uri = resolve_uri(tracking_uri, None, workdir)
-    if uri == default_uri(workdir):
-        workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        if uri == default_uri(workdir):
+            workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"certify-merge --workdir {workdir} cannot be created ({err.strerror})",
+                         "give a writable --workdir, or --tracking-uri") from None
     check_reachable(uri)
-    metrics = summarize(rows, cfg.radii)
-    metrics["images"] = float(len(rows))
-    curves = {"merged": rows}
-    tmp = out.with_name(f".{out.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    tables = {"certify": rows}
-    if ref_rows is not None:  # the --reference comparison (e.g. the FP32 model beside the quantized one)
-        metrics.update(reference_metrics(rows, ref_rows, cfg.radii))
-        curves = {"this model": rows, "reference": ref_rows}
-        tables["certify_reference"] = ref_rows
-    for name, table in tables.items():
-        with open(tmp / f"{name}.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in table for k in r)))
-            writer.writeheader()
-            writer.writerows(table)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_curves(curves, cfg).savefig(tmp / "certified_accuracy.png", dpi=120, bbox_inches="tight")
-    (tmp / MARKER).write_text(json.dumps({"shards": [str(s) for s in shards]}, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    tracker = Tracker(uri, experiment, workdir / "mlartifacts")
-    run_id = tracker.start_pipeline("certify-merge", {"certify": cfg.model_dump(mode="json"),
-                                                      "shards": [str(s) for s in shards]},
-                                    tags={"deploypipe.kind": "certify-merge", "deploypipe.stage": "certify"})
-    run = StageTracker(tracker, run_id)
-    run.log_metrics(metrics)
-    run.flush()
-    run.log_artifacts(out)
+    try:  # the run first: a store that cannot take it stops the merge before anything is written
+        tracker = Tracker(uri, experiment, workdir / "mlartifacts")
+        run_id = tracker.start_pipeline("certify-merge", {"certify": cfg.model_dump(mode="json"),
+                                                          "shards": [str(s) for s in shards]},
+                                        tags={"deploypipe.kind": "certify-merge", "deploypipe.stage": "certify"})
+    except Exception as err:
+        raise InputError(f"the MLflow store {uri} could not start a run ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:120] if str(err) else ''})",
+                         "check the tracking store, or give another --tracking-uri / --workdir") from None
+    try:
+        metrics = _write(out, cfg, rows, ref_rows, shards)
+        run = StageTracker(tracker, run_id)
+        run.log_metrics(metrics)
+        run.flush()
+        run.log_artifacts(out)
+    except BaseException:
+        try:
+            tracker.end_pipeline("FAILED")
+        except Exception:  # the store itself failed: the original error says more
+            pass
+        raise
     tracker.end_pipeline("FINISHED")
     click.echo(", ".join(f"r={r:g}: {metrics[f'certified_acc_r{r:g}']:.3f}" for r in cfg.radii)
                + f"; ACR {metrics['acr']:.3f} over {len(rows)} images"

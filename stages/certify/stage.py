@@ -29,15 +29,17 @@ from matplotlib.figure import Figure
 from pydantic import Field, field_validator, model_validator
 
 from deploypipe.config import Schema
+from deploypipe.data import half_image_shape
 from deploypipe.errors import InputError
 from deploypipe.progress import log, progress
-from deploypipe.stage import StageContext, StageResult, register, register_command
+from deploypipe.stage import StageContext, StageResult, register
 
 from .runtime import OnnxClassifier, to_onnxruntime
 from .smoothing import ABSTAIN, certify_drs_images, certify_images, image_generator, mix_seed, split
 
 
 CPU_FORWARD_BATCH = 64  # CIFAR ResNet-20 on 2 cores: 1.1-1.2x (ONNX Runtime) and 1.3x (bfloat16) the rate at 1000
+MIN_FORWARD_CHUNK = 8  # out of memory: halve the forward chunk down to this before the batch size (which changes the noise)
 
 
 class CertifyConfig(Schema):
@@ -124,8 +126,9 @@ def reference_metrics(rows: list[dict], ref_rows: list[dict], radii: list[float]
 
 def _run(models, ctx: StageContext, cfg: CertifyConfig, indices: list[int], label: str,
          device: torch.device) -> tuple[list[dict], float]:
-    """Certify the images ``indices``, several per forward pass when n0 + n is small against the batch
-    size (each image's result is the same as alone: its noise depends only on (seed, index))."""
+    """Certify the images ``indices``, several per noise step when n0 + n is small against the batch
+    size (each image's result is the same as alone: its noise depends only on (seed, index)). On
+    out-of-memory the forward chunk is halved first (the same noise), then the batch size."""
     test = ctx.data.test
     num_classes = ctx.data.num_classes
     rows, t_all = [], time.perf_counter()
@@ -150,10 +153,15 @@ def _run(models, ctx: StageContext, cfg: CertifyConfig, indices: list[int], labe
                                                num_classes, batch, gens, forward)
                 break
             except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                chunk = min(forward or batch, batch)
+                if chunk > MIN_FORWARD_CHUNK:  # the activations are most of the memory; the noise stays the same
+                    forward = chunk // 2
+                    log(f"[{ctx.stage_id}] out of memory: the model now sees chunks of {forward} (the same noise)")
+                    continue
                 if batch == 1:
                     raise
                 batch //= 2
-                torch.cuda.empty_cache()
                 # noise is drawn in chunks of the batch size: smaller chunks give other (equally valid)
                 # noise, so this run's figures match a run at the full batch size only within MC error
                 log(f"[{ctx.stage_id}] out of memory: batch size halved to {batch} (other noise draws from here on: "
@@ -209,10 +217,11 @@ def _classifier(model: torch.nn.Module, ctx: StageContext, cfg: CertifyConfig, d
             raise InputError(f"certify runtime onnxruntime: {why}", "use --runtime torch (or auto)")
     prepared = _prepare(model, cfg, device)
     if isinstance(prepared, _Autocast):  # the certificate is for the reduced-precision classifier: say how close it is
+        check_outputs(model, probe[:2].to(device), ctx.data.num_classes, what)  # a misfit model: exit 2, first
         with torch.inference_mode():
             x = probe.to(device)
-            want = model.to(device).eval()(x).argmax(1)
-            got = prepared(x).argmax(1)
+            want = torch.cat([model(c) for c in x.split(CPU_FORWARD_BATCH)]).argmax(1)  # float32, same module
+            got = torch.cat([prepared(c) for c in x.split(CPU_FORWARD_BATCH)]).argmax(1)
         prepared.agreement = float((got == want).float().mean())
         log(f"[{ctx.stage_id}] {what}: under autocast ({prepared.dtype}) the top-1 agrees with float32 on "
             f"{100 * prepared.agreement:.2f}% of {x.shape[0]} noisy probes; the certificate is for the {prepared.dtype} classifier")
@@ -220,7 +229,8 @@ def _classifier(model: torch.nn.Module, ctx: StageContext, cfg: CertifyConfig, d
 
 
 def _probe(ctx: StageContext, cfg: CertifyConfig) -> torch.Tensor:
-    """Noisy copies of the first test images (32 each of up to 8), for the ONNX Runtime parity check."""
+    """Noisy copies of the first test images (32 each of up to 8): the ONNX Runtime parity check, the
+    autocast agreement and the output-shape checks run on them."""
     x = ctx.data.test.as_float(ctx.data.test.images[:8]).repeat_interleave(32, 0)
     g = torch.Generator().manual_seed(mix_seed(ctx.seed, 2))  # not any image's certification noise
     return x + cfg.sigma * torch.randn(x.shape, generator=g)
@@ -286,14 +296,9 @@ def plot_curves(curves: dict[str, list[dict]], cfg: CertifyConfig) -> Figure:
     return fig
 
 
-from .merge import certify_merge  # noqa: E402  (the command needs this module's helpers)
-
-register_command(certify_merge)
-
-
 def model_input_shape(cfg: CertifyConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
     """DRS feeds the model (the left, or both sides) C x H x W/2 half-images; RS the data's images."""
-    return (*shape[:-1], shape[-1] // 2) if cfg.method == "drs" and shape[-1] % 2 == 0 else tuple(shape)
+    return half_image_shape(shape) if cfg.method == "drs" else tuple(shape)
 
 
 @register("certify", help="Certified L2 robustness by randomized smoothing (rs) or dual randomized smoothing (drs), sound radii",
@@ -381,3 +386,5 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
         + f"; ACR {metrics['acr']:.3f}; {metrics['seconds_per_image']:.2f} s/image")
     return StageResult(metrics=metrics)
 
+
+from . import merge as _merge_command  # noqa: E402,F401  (last: it registers certify-merge, using this module)

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from pydantic import Field
 
 from deploypipe.config import Schema
-from deploypipe.data import diagonal_split
+from deploypipe.data import diagonal_split, half_image_shape
 from deploypipe.errors import InputError
 from deploypipe.evaluation import top1_and_loss
 from deploypipe.progress import log
@@ -72,7 +72,13 @@ def _plot(history: list[dict]) -> Figure:
     return fig
 
 
-@register("train", help="Train the model: SGD/AdamW, one-cycle/cosine, label smoothing, Gaussian-noise augmentation")
+def model_input_shape(cfg: TrainConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A DRS side model is trained on C x H x W/2 half-images; otherwise on the data's images."""
+    return half_image_shape(shape) if cfg.drs_side else tuple(shape)
+
+
+@register("train", help="Train the model: SGD/AdamW, one-cycle/cosine, label smoothing, Gaussian-noise augmentation",
+          model_input_shape=model_input_shape)
 def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
     model, data = ctx.model, ctx.data
     if cfg.consistency > 0 and cfg.noise_sigma <= 0:

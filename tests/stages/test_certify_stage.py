@@ -198,6 +198,51 @@ def test_drs_takes_a_side_model_that_only_fits_half_images(tmp_path):
     drs = run_cli(*common, "--method", "drs", "--out", "drs", cwd=tmp_path)
     assert drs.returncode == 0, drs.stderr[-2000:]
     assert len(list(csv.DictReader(open(tmp_path / "drs" / "certify" / "certify.csv")))) == 2
+    side = run_cli("train", "--model", "halfmlp:mlp", "--drs-side", "left", "--epochs", "1", "--out", "side", cwd=tmp_path)
+    assert side.returncode == 0, side.stderr[-2000:]  # training a side model feeds it half-images too
     rs = run_cli(*common, "--out", "rs", cwd=tmp_path)  # RS feeds it full images: refused, nothing written
     assert rs.returncode == 2 and "cannot take input images of shape (1, 8, 8)" in rs.stderr
     assert not (tmp_path / "rs" / "certify").exists()
+
+
+def test_out_of_memory_halves_the_forward_chunk_first_and_keeps_the_noise(tmp_path):
+    (tmp_path / "oomy.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Net(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.fc = nn.Linear(64, 10)\n\n    def forward(self, x):\n"
+        "        if x.shape[0] > 16:  # what a GPU says when the activations do not fit\n"
+        "            raise torch.OutOfMemoryError('CUDA out of memory (simulated)')\n"
+        "        return self.fc(x.flatten(1))\n\n\ndef net():\n    return Net()\n")
+    common = ["certify", "--model", "oomy:net", "--n0", "10", "--n", "100", "--num-images", "3", "--runtime", "torch",
+              "--batch-size", "64"]
+    tight = run_cli(*common, "--out", "tight", cwd=tmp_path)
+    assert tight.returncode == 0, tight.stderr[-2000:]
+    assert "the model now sees chunks of 16 (the same noise)" in tight.stderr and "batch size halved" not in tight.stderr
+    small = run_cli(*common, "--forward-batch", "16", "--out", "small", cwd=tmp_path)
+    assert small.returncode == 0, small.stderr[-2000:]
+    rows = [[{k: v for k, v in r.items() if k != "seconds"}
+             for r in csv.DictReader(open(tmp_path / d / "certify" / "certify.csv"))] for d in ("tight", "small")]
+    assert rows[0] == rows[1] and len(rows[0]) == 3
+
+
+def test_merge_compares_shards_without_the_forward_chunk_and_reads_old_configs(tmp_path):
+    import yaml
+
+    from deploypipe.stages.certify.merge import merge_shards
+
+    prov = {"seed": 0, "data": "d", "test_images": 8, "model": "m", "model_right": None, "reference": None}
+    for i, (chunk, idx) in enumerate([(64, [0, 4]), (16, [2, 6])]):
+        folder = tmp_path / f"s{i}"
+        folder.mkdir()
+        # saved before num_images and every became exclusive: both present; the forward chunks differ
+        cfg = {"method": "rs", "sigma": 0.25, "n0": 10, "n": 100, "alpha": 0.01, "num_images": 500, "every": 2,
+               "shard": f"{i}/2", "batch_size": 64, "forward_batch": chunk}
+        (folder / "config.yaml").write_text(yaml.safe_dump({"certify": cfg}))
+        (folder / "provenance.json").write_text(json.dumps(prov))
+        (folder / "certify.csv").write_text("index,label,prediction,radius,correct,seconds,p_lower,count\n" + "".join(
+            f"{j},1,1,0.1,1,0.5,0.6,70\n" for j in idx))
+    cfg, rows, ref = merge_shards([tmp_path / "s0", tmp_path / "s1"])
+    assert [r["index"] for r in rows] == [0, 2, 4, 6] and ref is None and (cfg.every, cfg.num_images) == (2, None)
+    (tmp_path / "s1" / "config.yaml").write_text(yaml.safe_dump({"certify": {
+        **yaml.safe_load((tmp_path / "s0" / "config.yaml").read_text())["certify"], "shard": "1/2", "n": 200}}))
+    with pytest.raises(InputError, match=r"different settings \(n\)"):
+        merge_shards([tmp_path / "s0", tmp_path / "s1"])
