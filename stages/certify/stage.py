@@ -323,7 +323,7 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
         if ctx.data.input_shape[-1] % 2:
             raise InputError(f"DRS needs an even image width, the data has {ctx.data.input_shape[-1]}",
                              "use method rs or resize the images (--image-size)")
-        half = tuple(split(torch.zeros(1, *ctx.data.input_shape))[0].shape[1:])
+        half = half_image_shape(tuple(ctx.data.input_shape))
         left_probe, right_probe = split(probe)
         sides = [ctx.model] + ([_load(cfg.model_right, "model_right")] if cfg.model_right else [])
         with torch.inference_mode():

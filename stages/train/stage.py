@@ -137,6 +137,6 @@ def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
                "epochs": float(cfg.epochs), "train_seconds": sum(h["epoch_seconds"] for h in history)}
     record = None
     if side is not None:  # the model now takes half-width images
-        half = list(diagonal_split(torch.zeros(1, *data.input_shape))[side].shape[1:])
+        half = list(half_image_shape(tuple(data.input_shape)))
         record = dataclasses.replace(ctx.record, input_shape=half)
     return StageResult(model=model, record=record, metrics=metrics)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
+from deploypipe.data import half_image_shape
 from deploypipe.stages.certify.bounds import betainc, binom_test_two_sided_half, clopper_pearson_lower
 from deploypipe.stages.certify.smoothing import (ABSTAIN, certify, certify_drs, certify_drs_images, certify_images,
                                                  drs_radius, image_generator, merge, mix_seed, predict, side_generator,
@@ -133,6 +134,7 @@ def test_split_merge_is_a_bijection_with_the_diagonal_pattern():
     x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).view(2, 3, 4, 6)
     left, right = split(x)
     assert left.shape == right.shape == (2, 3, 4, 3)
+    assert half_image_shape((3, 4, 6)) == tuple(left.shape[1:]) and half_image_shape((3, 4, 5)) == (3, 4, 5)
     torch.testing.assert_close(merge(left, right), x, rtol=0, atol=0)
     assert torch.equal(torch.sort(torch.cat([left.flatten(), right.flatten()])).values, torch.sort(x.flatten()).values)
     for i in range(4):
