@@ -26,7 +26,7 @@ RECIPES = ["srste", "mdgf", "sdgf"]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="dense CIFAR ResNet-20 (a train stage's model folder)")
+    ap.add_argument("--model", help="dense CIFAR ResNet-20 (a train stage's model folder)")
     ap.add_argument("--vit", help="dense small ViT (patch 4) model folder, optional")
     ap.add_argument("--data", default="imagefolder:../shared/data/cifar10")
     ap.add_argument("--patterns", default="2:4,1:4,1:8,1:16")
@@ -39,9 +39,11 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-sparsify")
     ap.add_argument("--extra", default="", help="more sparsify options for every run, e.g. '--limit-train 10000'")
     args = ap.parse_args()
+    if not (args.model or args.vit):
+        ap.error("give --model (ResNet-20), --vit (small ViT) or both")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    models = [("ResNet-20", args.model, ["--lr", str(args.lr)])]
+    models = [("ResNet-20", args.model, ["--lr", str(args.lr)])] if args.model else []
     if args.vit:
         models.append(("ViT (patch 4)", args.vit, ["--optimizer", "adamw", "--lr", str(args.vit_lr), "--weight-decay", "0.05"]))
     results = {"data": args.data, "epochs": args.epochs, "decay": args.decay, "threads": args.threads,

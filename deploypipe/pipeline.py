@@ -178,12 +178,31 @@ class Pipeline:
         self.data: Splits = load_data(cfg.data)
         mean, std = self.data.channel_stats()
         seed_everything(self.seed)  # fresh weights of a zoo model are part of the reproducible run
-        fits = tuple(self.data.input_shape)  # what the first stage feeds the pipeline's model
-        if self.stage_defs and self.stage_defs[0][1].model_input_shape:
-            fits = tuple(self.stage_defs[0][1].model_input_shape(self.stage_defs[0][2], fits))
+        fits = self.fed_shape(*self.stage_defs[0][1:]) if self.stage_defs else tuple(self.data.input_shape)
         self.model, self.record = model_from_spec(cfg.model, self.data.input_shape, self.data.num_classes, mean, std,
                                                   fits=fits)
         self.input_hash = _spec_hash(cfg)
+
+    def fed_shape(self, sdef: StageDef, typed: Any) -> tuple[int, ...]:
+        """The image shape a stage feeds its input model: the data's, or what the stage's hook says
+        (DRS certification and DRS side training: half-images)."""
+        shape = tuple(self.data.input_shape)
+        return tuple(sdef.model_input_shape(typed, shape)) if sdef.model_input_shape else shape
+
+    def _check_fed(self, model: torch.nn.Module, entry: Any, shape: tuple[int, ...], before: tuple[str, tuple]) -> None:
+        """A stage that feeds its model other images than the stage before it did (a DRS side model
+        reaching evaluate): refuse it before the stage starts, not with a shape error inside it."""
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                model.eval()(torch.rand(2, *shape))
+        except Exception as err:
+            raise InputError(f"stage '{entry.id}' feeds its model images of shape {shape}, but the model it gets "
+                             f"takes the images stage '{before[0]}' fed it, {before[1]} "
+                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
+                             f"leave '{entry.id}' out of this pipeline, or run it on a model for {shape} images") from None
+        finally:
+            model.train(was_training)
 
     def stage_key(self, entry: Any, typed: Any, input_hash: str) -> str:
         return _hash({"stage": entry.stage, "config": typed.model_dump(mode="json"), "input": input_hash,
@@ -237,15 +256,20 @@ class Pipeline:
         outcomes: list[StageOutcome] = []
         status = "FAILED"
         try:
+            before = None  # (stage id, the image shape it fed its model)
             for entry, sdef, typed in self.stage_defs:
                 key = self.stage_key(entry, typed, input_hash)
                 final = self.out_dir / entry.id
                 done = _read_result(final)
+                shape = self.fed_shape(sdef, typed)
                 if done and done.get("key") == key and not (force and (only is None or entry.id in only)):
                     outcome = self._record_skip(tracker, entry, typed, final, done, input_tags)
                 else:
+                    if before and shape != before[1]:
+                        self._check_fed(model, entry, shape, before)
                     outcome = self._run_stage(tracker, entry, sdef, typed, key, model, record, previous, input_tags)
                     done = _read_result(final)
+                before = (entry.id, shape)
                 outcomes.append(outcome)
                 previous[entry.id] = StageResult(metrics=outcome.metrics,
                                                  artifacts=sorted(p for p in final.iterdir() if p.name != "result.json"))

@@ -299,7 +299,9 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
     names = [n for n, _ in quantizable_layers(fp)]
     chosen = select_layers(names, cfg.include, cfg.exclude)
     if not chosen:
-        raise ValueError(f"no layer matches include={cfg.include} exclude={cfg.exclude}; layers: {names[:8]}...")
+        raise InputError(f"no layer matches include={cfg.include} exclude={cfg.exclude} (the model's layers: "
+                         f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''})",
+                         "widen --include or narrow --exclude (glob patterns on those module names)")
     edge = {names[0], names[-1]}
     plan = {}
     for n in chosen:

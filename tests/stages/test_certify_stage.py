@@ -15,6 +15,7 @@ from conftest import last_json, run_cli
 from deploypipe.config import PipelineConfig, validate
 from deploypipe.errors import InputError
 from deploypipe.pipeline import Pipeline
+from deploypipe.stages.certify.merge import merge_shards
 from deploypipe.stages.certify.stage import CertifyConfig, select_images, summarize
 
 
@@ -94,32 +95,34 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
                       "--tracking-uri", "http://127.0.0.1:9", cwd=tmp_path)
     assert offline.returncode == 2 and "unreachable" in offline.stderr and not (tmp_path / "m0").exists()
     # torchrun, one shard per rank: each rank writes <out>/rank<r>/certify, and they merge to the same result
-    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "-m", "deploypipe.cli", "--", *common, "--out", "tr"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
     assert launch.returncode == 0, launch.stderr[-3000:]
-    ranks = [list(csv.DictReader(open(tmp_path / "tr" / f"rank{r}" / "certify" / "certify.csv"))) for r in range(3)]
+    ranks = [list(csv.DictReader(open(tmp_path / "tr" / f"rank{r}" / "certify" / "certify.csv"))) for r in range(2)]
     assert strip(sum(ranks, [])) == strip(want) and all(ranks)
-    merged = run_cli("certify-merge", *[f"tr/rank{r}/certify" for r in range(3)], "--out", "tr-merged", cwd=tmp_path)
+    merged = run_cli("certify-merge", *[f"tr/rank{r}/certify" for r in range(2)], "--out", "tr-merged", cwd=tmp_path)
     assert merged.returncode == 0, merged.stderr[-2000:]
     got = json.load(open(tmp_path / "tr-merged" / "metrics.json"))
     assert all(got[k] == pytest.approx(whole[k]) for k in got)
     refused = run_cli("train", "--model", "zoo:digits_cnn", "--out", "tr-train", cwd=tmp_path,
                       env={"RANK": "1", "WORLD_SIZE": "2"})  # what each torchrun rank would see
     assert refused.returncode == 2 and "does not split its work" in refused.stderr and not (tmp_path / "tr-train").exists()
-    missing = run_cli("certify-merge", "shard0/certify", "shard2/certify", "--out", "m2", cwd=tmp_path)
-    assert missing.returncode == 2 and "not all k shards" in missing.stderr and not (tmp_path / "m2").exists()
+    # the refusals of the merge itself, in-process (the CLI's exit 2 for them is the one checked above)
+    shards = [tmp_path / f"shard{i}" / "certify" for i in range(3)]
+    with pytest.raises(InputError, match="not all k shards"):
+        merge_shards([shards[0], shards[2]])
     # each shard records which seed, data and weights it certified; a shard of another run is refused
-    prov = [json.load(open(tmp_path / f"shard{i}" / "certify" / "provenance.json")) for i in range(3)]
+    prov = [json.load(open(s / "provenance.json")) for s in shards]
     assert prov[0] == prov[1] == prov[2] and len(prov[0]["model"]) == 64 and prov[0]["test_images"] == 450
-    shutil.copytree(tmp_path / "shard2" / "certify", tmp_path / "other2")
+    shutil.copytree(shards[2], tmp_path / "other2")
     json.dump({**prov[2], "seed": prov[2]["seed"] + 1}, open(tmp_path / "other2" / "provenance.json", "w"))
-    other = run_cli("certify-merge", "shard0/certify", "shard1/certify", "other2", "--out", "m3", cwd=tmp_path)
-    assert other.returncode == 2 and "different seed" in other.stderr and not (tmp_path / "m3").exists()
-    shutil.copytree(tmp_path / "shard2" / "certify", tmp_path / "bad2")
+    with pytest.raises(InputError, match="different seed"):
+        merge_shards([shards[0], shards[1], tmp_path / "other2"])
+    shutil.copytree(shards[2], tmp_path / "bad2")
     (tmp_path / "bad2" / "certify.csv").write_text("index,label,prediction,radius\n4,1,1,wide\n")
-    bad2 = run_cli("certify-merge", "shard0/certify", "shard1/certify", "bad2", "--out", "m4", cwd=tmp_path)
-    assert bad2.returncode == 2 and "is not a certify table" in bad2.stderr and not (tmp_path / "m4").exists()
+    with pytest.raises(InputError, match="is not a certify table"):
+        merge_shards([shards[0], shards[1], tmp_path / "bad2"])
     # --out never replaces a shard or a folder that is not an earlier merge output; an earlier merge it does
     for target, why in (("shard0/certify", "would replace the shard"), ("all", "not an earlier merge output")):
         r = run_cli("certify-merge", *[f"shard{i}/certify" for i in range(3)], "--out", target, cwd=tmp_path)
@@ -136,13 +139,6 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
     got = json.load(open(tmp_path / "ref-merged" / "metrics.json"))
     assert got["acr_lost"] == 0 and got["reference_acr"] == pytest.approx(whole["acr"]) and got["acr"] == pytest.approx(whole["acr"])
     assert len(list(csv.DictReader(open(tmp_path / "ref-merged" / "certify_reference.csv")))) == 9
-    drs = run_cli("certify", "--model", "zoo:digits_cnn", "--method", "drs", "--sigma", "0.18", "--n0", "10", "--n", "50",
-                  "--num-images", "3", "--out", "drs", cwd=tmp_path)  # an untrained side model on 8x4 half-images
-    assert drs.returncode == 0, drs.stderr[-2000:]
-    row = next(csv.DictReader(open(tmp_path / "drs" / "certify" / "certify.csv")))
-    assert "p_lower_right" in row
-    bad = run_cli("certify", "--model", model, "--shard", "3/3", "--out", "bad", cwd=tmp_path)
-    assert bad.returncode == 2 and "0 <= i < k" in bad.stderr and not (tmp_path / "bad" / "certify").exists()
 
 
 def test_a_classifier_that_does_not_fit_the_data_is_refused_before_any_work():
@@ -169,6 +165,8 @@ def test_options_are_checked():
         validate(CertifyConfig, {"model_right": "x"}, "certify")
     with pytest.raises(InputError, match="shard must be i/k"):
         validate(CertifyConfig, {"shard": "half"}, "certify")
+    with pytest.raises(InputError, match="0 <= i < k"):
+        validate(CertifyConfig, {"shard": "3/3"}, "certify")
     with pytest.raises(InputError, match="give num_images or every, not both"):
         validate(CertifyConfig, {"num_images": 100, "every": 20}, "certify")
     cfg = validate(CertifyConfig, {"every": 20}, "certify")  # the saved config names the images certified
@@ -197,13 +195,29 @@ def test_drs_takes_a_side_model_that_only_fits_half_images(tmp_path):
     common = ["certify", "--model", "halfmlp:mlp", "--n0", "10", "--n", "50", "--num-images", "2"]
     drs = run_cli(*common, "--method", "drs", "--out", "drs", cwd=tmp_path)
     assert drs.returncode == 0, drs.stderr[-2000:]
-    assert len(list(csv.DictReader(open(tmp_path / "drs" / "certify" / "certify.csv")))) == 2
+    rows = list(csv.DictReader(open(tmp_path / "drs" / "certify" / "certify.csv")))
+    assert len(rows) == 2 and "p_lower_right" in rows[0]
     side = run_cli("train", "--model", "halfmlp:mlp", "--drs-side", "left", "--epochs", "1", "--out", "side", cwd=tmp_path)
     assert side.returncode == 0, side.stderr[-2000:]  # training a side model feeds it half-images too
     rs = run_cli(*common, "--out", "rs", cwd=tmp_path)  # RS feeds it full images: refused, nothing written
     assert rs.returncode == 2 and "cannot take input images of shape (1, 8, 8)" in rs.stderr
     assert not (tmp_path / "rs" / "certify").exists()
 
+
+
+def test_a_later_stage_that_feeds_other_images_is_refused_before_it_starts(tmp_path, workdir, monkeypatch):
+    # [certify drs, evaluate] on a half-image side model: certify runs and is kept; evaluate would feed
+    # full images, so it is refused with an input error before its stage run starts
+    (tmp_path / "halfmlp2.py").write_text("from torch import nn\n\n\ndef mlp():\n"
+                                          "    return nn.Sequential(nn.Flatten(), nn.Linear(32, 10))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = validate(PipelineConfig, {"name": "g", "model": "halfmlp2:mlp", "data": "digits", "stages": [
+        {"certify": {"method": "drs", "n0": 10, "n": 50, "num_images": 2}}, {"evaluate": {}}]}, "test")
+    with pytest.raises(InputError, match=r"stage 'evaluate' feeds its model images of shape \(1, 8, 8\), but the "
+                                         r"model it gets takes the images stage 'certify' fed it, \(1, 8, 4\)"):
+        Pipeline(cfg, workdir, show_progress=False).run()
+    assert (workdir / "g" / "certify" / "result.json").is_file() and not (workdir / "g" / "evaluate").exists()
+    assert not list((workdir / "g").glob(".evaluate.partial-*"))
 
 def test_out_of_memory_halves_the_forward_chunk_first_and_keeps_the_noise(tmp_path):
     (tmp_path / "oomy.py").write_text(
