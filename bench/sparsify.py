@@ -4,8 +4,10 @@ For each dense model given (a CIFAR ResNet-20 from the train stage; a small ViT 
 ``--vit`` is given) and each pattern (default 2:4, 1:4, 1:8, 1:16), the three recipes fine-tune from
 the same dense checkpoint with the same epochs, learning rate, data order and seed. Every cell is one
 ``python -m deploypipe sparsify ... --json`` subprocess (wall time and peak RSS read with wait4),
-exactly what a user runs; finished cells are read back when the script is rerun. Tables go to stdout
-and to ``--out``/results.md and results.json.
+exactly what a user runs; finished cells are read back when the script is rerun. With
+``--dense-control`` each dense model is also fine-tuned the same way without sparsity (the train
+stage; ``--extra`` then goes to it too), so a gain from extra training is not read as a sparsity
+result. Tables go to stdout and to ``--out``/results.md and results.json.
 
     python bench/sparsify.py --model runs/resnet20/train/model --data imagefolder:../shared/data/cifar10
 """
@@ -38,6 +40,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/bench-sparsify")
     ap.add_argument("--extra", default="", help="more sparsify options for every run, e.g. '--limit-train 10000'")
+    ap.add_argument("--dense-control", action="store_true",
+                    help="also fine-tune each dense model the same way without sparsity (train stage, same optimizer, "
+                         "learning rate, epochs and data): what the extra training alone gives")
     args = ap.parse_args()
     if not (args.model or args.vit):
         ap.error("give --model (ResNet-20), --vit (small ViT) or both")
@@ -49,8 +54,15 @@ def main() -> None:
     results = {"data": args.data, "epochs": args.epochs, "decay": args.decay, "threads": args.threads,
                "extra": args.extra, "rows": []}
     for name, path, opts in models:
+        control = None
+        if args.dense_control:  # the same fine-tune, dense: separates the cost of sparsity from more training
+            print(f"{name} dense control", flush=True)
+            label = f"{name.split()[0].lower()}-dense-control"
+            cmd = ["--model", path, "--data", args.data, "--epochs", str(args.epochs), "--schedule", "cosine",
+                   *opts, *args.extra.split()]
+            control = run_deploypipe("train", label, cmd, out, args.threads)["test_top1"]
         for pattern in args.patterns.split(","):
-            row = {"model": name, "pattern": pattern}
+            row = {"model": name, "pattern": pattern, "dense_control": control}
             for recipe in args.recipes.split(","):
                 label = f"{name.split()[0].lower()}-{pattern.replace(':', 'of')}-{recipe}"
                 print(f"{name} {pattern} {recipe}", flush=True)
@@ -75,13 +87,15 @@ def pct(x) -> str:
 def render(r: dict) -> str:
     lines = [f"data `{r['data']}`{' ' + r['extra'] if r.get('extra') else ''}, {r['epochs']} epochs per run, "
              f"MDGF decay {r['decay']}, {r['threads']} CPU threads; test top-1 (%) on the 10,000 test images", "",
-             "| model | pattern | dense | pruned, no training | SR-STE | MDGF | SDGF | best PGF − SR-STE | s per run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | pattern | dense | dense, same fine-tune | pruned, no training | SR-STE | MDGF | SDGF | "
+             "best PGF − SR-STE | s per run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         pgf = [row[k] for k in ("mdgf", "sdgf") if k in row]
         gain = f"{100 * (max(pgf) - row['srste']):+.2f}" if pgf and "srste" in row else "—"
         secs = [row[k] for k in row if k.endswith("_seconds") and row[k] is not None]
-        lines.append(f"| {row['model']} | {row['pattern']} | {pct(row['dense'])} | {pct(row['oneshot'])} | "
+        lines.append(f"| {row['model']} | {row['pattern']} | {pct(row['dense'])} | {pct(row.get('dense_control'))} | "
+                     f"{pct(row['oneshot'])} | "
                      f"{pct(row.get('srste'))} | {pct(row.get('mdgf'))} | {pct(row.get('sdgf'))} | {gain} | "
                      f"{sum(secs) / max(1, len(secs)):.0f} |")
     return "\n".join(lines)
