@@ -124,21 +124,52 @@ def reference_metrics(rows: list[dict], ref_rows: list[dict], radii: list[float]
     return out
 
 
+def _resume(path: Path, identity: dict, indices: list[int]) -> list[dict]:
+    """Rows an interrupted run of the same stage (same config, data, seed and weights: ``identity``)
+    already certified, read back from its journal; a journal of other weights is discarded."""
+    try:
+        lines = path.read_text().splitlines()
+        if not lines or json.loads(lines[0]) != identity:
+            return []
+        wanted = set(indices)
+        rows = []
+        for line in lines[1:]:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the interruption
+                break
+            if row.get("index") in wanted:
+                rows.append(row)
+        return rows
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
 def _run(models, ctx: StageContext, cfg: CertifyConfig, indices: list[int], label: str,
-         device: torch.device) -> tuple[list[dict], float]:
+         device: torch.device, identity: dict) -> tuple[list[dict], float]:
     """Certify the images ``indices``, several per noise step when n0 + n is small against the batch
     size (each image's result is the same as alone: its noise depends only on (seed, index)). On
-    out-of-memory the forward chunk is halved first (the same noise), then the batch size."""
+    out-of-memory the forward chunk is halved first (the same noise), then the batch size.
+    Every finished image is journaled in the stage's work directory; an interrupted run resumes from
+    it with the same certificates (the pipeline keeps that directory only for the same stage key)."""
     test = ctx.data.test
     num_classes = ctx.data.num_classes
-    rows, t_all = [], time.perf_counter()
+    journal = ctx.work_dir / f"{label}.jsonl"
+    rows = _resume(journal, identity, indices)
+    done = {r["index"] for r in rows}
+    seconds_before = sum(r["seconds"] for r in rows)
+    if rows:
+        log(f"[{ctx.stage_id}] resumed {len(rows)} of {len(indices)} images ({label}) from an interrupted run")
+    journal.write_text("".join(json.dumps(r) + "\n" for r in [identity, *rows]))  # no line cut short
+    todo = [i for i in indices if i not in done]
+    t_all = time.perf_counter()
     batch = cfg.batch_size
     forward = cfg.forward_batch or (CPU_FORWARD_BATCH if torch.device(device).type == "cpu" else None)
     shared = cfg.method == "drs" and models[0] is models[1]
     per_image = (cfg.n0 + cfg.n) * (2 if shared else 1)
     size = max(1, batch // per_image)
-    groups = [indices[i:i + size] for i in range(0, len(indices), size)]
-    for group in progress(groups, total=len(indices), description=f"certify {label} ({cfg.method}, n={cfg.n})",
+    groups = [todo[i:i + size] for i in range(0, len(todo), size)]
+    for group in progress(groups, total=len(todo), description=f"certify {label} ({cfg.method}, n={cfg.n})",
                           enabled=ctx.show_progress, unit="images", weight=len):
         xs = [test.as_float(test.images[i:i + 1])[0].to(device) for i in group]
         while True:
@@ -167,6 +198,7 @@ def _run(models, ctx: StageContext, cfg: CertifyConfig, indices: list[int], labe
                 log(f"[{ctx.stage_id}] out of memory: batch size halved to {batch} (other noise draws from here on: "
                     f"for bit-for-bit reproducible shards give every run --batch-size {batch})")
         seconds = (time.perf_counter() - t0) / len(group)
+        new = []
         for index, cert in zip(group, certs):
             label_i = int(test.labels[index])
             row = {"index": index, "label": label_i, "prediction": cert.prediction, "radius": cert.radius,
@@ -174,8 +206,13 @@ def _run(models, ctx: StageContext, cfg: CertifyConfig, indices: list[int], labe
                    "count": cert.count}
             if cert.p_lower_right is not None:
                 row.update(p_lower_right=cert.p_lower_right, count_right=cert.count_right)
-            rows.append(row)
-    return rows, time.perf_counter() - t_all
+            new.append(row)
+        with open(journal, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in new))
+        rows += new
+    order = {index: k for k, index in enumerate(indices)}
+    rows.sort(key=lambda r: order[r["index"]])
+    return rows, seconds_before + time.perf_counter() - t_all
 
 
 class _Autocast(torch.nn.Module):
@@ -356,7 +393,7 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
                   "reference": None}
     log(f"[{ctx.stage_id}] {cfg.method.upper()} on {len(indices)} test images, sigma {cfg.sigma}, n0 {cfg.n0}, "
         f"n {cfg.n}, alpha {cfg.alpha}{f', shard {shard}' if shard else ''}")
-    rows, seconds = _run(models, ctx, cfg, indices, "model", device)
+    rows, seconds = _run(models, ctx, cfg, indices, "model", device, {**provenance, "indices": indices})
     ctx.save_table("certify", rows)
     metrics = summarize(rows, cfg.radii)
     samples = len(rows) * (cfg.n0 + cfg.n) * len(models)
@@ -373,7 +410,8 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
         provenance["reference"] = weights_hash(ref_model)
         ref = _classifier(ref_model, ctx, cfg, ctx.device, tuple(ctx.data.input_shape), probe, "reference")
         check_outputs(ref, probe[:2].to(ctx.device), num_classes, "reference")
-        ref_rows, _ = _run((ref,), ctx, cfg, indices, "reference", ctx.device)
+        ref_rows, _ = _run((ref,), ctx, cfg, indices, "reference", ctx.device,
+                           {**provenance, "indices": indices})
         ctx.save_table("certify_reference", ref_rows)
         metrics.update(reference_metrics(rows, ref_rows, cfg.radii))
         curves["reference"] = ref_rows

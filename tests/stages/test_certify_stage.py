@@ -13,7 +13,7 @@ import pytest
 
 from conftest import last_json, run_cli
 from deploypipe.config import PipelineConfig, validate
-from deploypipe.errors import InputError
+from deploypipe.errors import InputError, StageFailed
 from deploypipe.pipeline import Pipeline
 from deploypipe.stages.certify.merge import merge_shards
 from deploypipe.stages.certify.stage import CertifyConfig, select_images, summarize
@@ -218,6 +218,52 @@ def test_a_later_stage_that_feeds_other_images_is_refused_before_it_starts(tmp_p
         Pipeline(cfg, workdir, show_progress=False).run()
     assert (workdir / "g" / "certify" / "result.json").is_file() and not (workdir / "g" / "evaluate").exists()
     assert not list((workdir / "g").glob(".evaluate.partial-*"))
+
+
+def test_an_interrupted_certify_resumes_with_the_same_certificates(tmp_path, workdir, monkeypatch, capfd):
+    # the base classifier "loses power" after a few images; the rerun reads the finished images back
+    # from the stage's journal and certifies only the rest: the table equals an uninterrupted run's
+    (tmp_path / "flaky.py").write_text(
+        "from pathlib import Path\nfrom torch import nn\n\nCALLS = [0]\n\n\nclass Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(64, 10)\n\n"
+        "    def forward(self, x):\n        CALLS[0] += 1\n"
+        "        if Path(__file__).with_name('cut').exists() and CALLS[0] > 6:\n"
+        "            raise RuntimeError('power cut')\n        return self.fc(x.flatten(1))\n\n\n"
+        "def net():\n    return Net()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    certify = {"n0": 10, "n": 50, "alpha": 0.01, "num_images": 8, "batch_size": 60, "runtime": "torch"}
+    config = lambda name: validate(PipelineConfig, {"name": name, "model": "flaky:net", "data": "digits",  # noqa: E731
+                                                   "stages": [{"certify": certify}]}, "test")
+    Pipeline(config("whole"), workdir, show_progress=False).run()
+    want = list(csv.DictReader(open(workdir / "whole" / "certify" / "certify.csv")))
+    import flaky
+
+    (tmp_path / "cut").touch()
+    flaky.CALLS[0] = 0
+    with pytest.raises(StageFailed):
+        Pipeline(config("cut"), workdir, show_progress=False).run()
+    journal = (workdir / "cut" / ".work" / "certify" / "model.jsonl").read_text().splitlines()
+    assert 1 < len(journal) < 9 and not (workdir / "cut" / "certify").exists()  # some images, not all
+    (tmp_path / "cut").unlink()
+    capfd.readouterr()
+    Pipeline(config("cut"), workdir, show_progress=False).run()
+    assert f"resumed {len(journal) - 1} of 8 images" in capfd.readouterr().err
+    got = list(csv.DictReader(open(workdir / "cut" / "certify" / "certify.csv")))
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(got) == strip(want) and not (workdir / "cut" / ".work" / "certify").exists()
+
+
+def test_the_journal_is_read_back_only_for_the_same_weights_and_images(tmp_path):
+    from deploypipe.stages.certify.stage import _resume
+
+    ident = {"model": "abc", "indices": [0, 5, 10]}
+    rows = [{"index": 0, "radius": 0.25}, {"index": 5, "radius": 0.5}]
+    path = tmp_path / "model.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [ident, *rows]) + '\n{"index": 10, "rad')  # cut short
+    assert _resume(path, ident, [0, 5, 10]) == rows
+    assert _resume(path, {**ident, "model": "abd"}, [0, 5, 10]) == []  # other weights: certify afresh
+    assert _resume(path, ident, [5, 10]) == rows[1:]
+    assert _resume(tmp_path / "none.jsonl", ident, [0]) == []
 
 def test_out_of_memory_halves_the_forward_chunk_first_and_keeps_the_noise(tmp_path):
     (tmp_path / "oomy.py").write_text(
