@@ -108,7 +108,7 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
     refused = run_cli("train", "--model", "zoo:digits_cnn", "--out", "tr-train", cwd=tmp_path,
                       env={"RANK": "1", "WORLD_SIZE": "2"})  # what each torchrun rank would see
     assert refused.returncode == 2 and "does not split its work" in refused.stderr and not (tmp_path / "tr-train").exists()
-    # the refusals of the merge itself, in-process (the CLI's exit 2 for them is the one checked above)
+    # the refusals of the merge itself, in-process (the CLI turns them into exit 2, as the --out refusals below)
     shards = [tmp_path / f"shard{i}" / "certify" for i in range(3)]
     with pytest.raises(InputError, match="not all k shards"):
         merge_shards([shards[0], shards[2]])
