@@ -39,8 +39,8 @@ import yaml
 from .config import PipelineConfig, validate
 from .data import Splits, load_data
 from .errors import InputError, StageFailed
-from .models import (ModelRecord, content_hash, factory_source, is_model_dir, load_model, model_from_spec, read_record,
-                     save_model)
+from .models import (ModelRecord, check_fits_data, content_hash, factory_source, is_model_dir, load_model,
+                     model_from_spec, read_record, save_model)
 from .stage import StageContext, StageDef, StageResult, launched_ranks, load_stages
 from .tracking import Tracker, check_reachable, default_uri, resolve_uri
 
@@ -192,17 +192,12 @@ class Pipeline:
     def _check_fed(self, model: torch.nn.Module, entry: Any, shape: tuple[int, ...], before: tuple[str, tuple]) -> None:
         """A stage that feeds its model other images than the stage before it did (a DRS side model
         reaching evaluate): refuse it before the stage starts, not with a shape error inside it."""
-        was_training = model.training
         try:
-            with torch.no_grad():
-                model.eval()(torch.rand(2, *shape))
-        except Exception as err:
+            check_fits_data(model, shape, self.data.num_classes, entry.id)  # the same probe as at load
+        except InputError as err:
             raise InputError(f"stage '{entry.id}' feeds its model images of shape {shape}, but the model it gets "
-                             f"takes the images stage '{before[0]}' fed it, {before[1]} "
-                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
+                             f"takes the images stage '{before[0]}' fed it, {before[1]} ({err.problem})",
                              f"leave '{entry.id}' out of this pipeline, or run it on a model for {shape} images") from None
-        finally:
-            model.train(was_training)
 
     def stage_key(self, entry: Any, typed: Any, input_hash: str) -> str:
         return _hash({"stage": entry.stage, "config": typed.model_dump(mode="json"), "input": input_hash,
