@@ -100,7 +100,7 @@ class Splits:
     test: ImageSet
     classes: list[str]
     augment: Optional[Augment]
-    fingerprint: str  # identity of the data (spec + image files' names, sizes, mtimes): part of resume keys
+    fingerprint: str  # identity of the data (spec + decoded content): part of resume keys
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -161,8 +161,10 @@ def cache_dir() -> Path:
 
 
 def _decode_folder(root: Path, image_size: Optional[int], workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
-    """Decode an image folder to (N, C, H, W) uint8 once; later calls read the cache. Returns the
-    images, labels, class names and the folder's key (which changes when any file changes)."""
+    """Decode an image folder to (N, C, H, W) uint8 once; later calls read the cache (found by the
+    files' names, sizes and mtimes). Returns the images, labels, class names and a digest of the
+    decoded content: a copy of the folder with new mtimes (a restore, a copy without -p) has the same
+    digest, so stages finished on it are still recognised as done."""
     classes, files = _list_folder(root)
     stat = hashlib.sha256(json.dumps([str(root.resolve()), image_size, classes]).encode())
     for path, _ in files:
@@ -172,7 +174,8 @@ def _decode_folder(root: Path, image_size: Optional[int], workers: int) -> tuple
     cached = cache_dir() / f"imagefolder-{key}.npz"
     if cached.is_file():
         with np.load(cached) as z:
-            return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), classes, key
+            images, labels = z["images"], z["labels"]
+        return torch.from_numpy(images), torch.from_numpy(labels), classes, _content_digest(images, labels, classes)
     paths = [p for p, _ in files]
     chunk = 2000
     jobs = [(paths[i:i + chunk], image_size) for i in range(0, len(paths), chunk)]
@@ -195,7 +198,15 @@ def _decode_folder(root: Path, image_size: Optional[int], workers: int) -> tuple
     tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
     np.savez(tmp, images=images, labels=labels)
     os.replace(tmp, cached)
-    return torch.from_numpy(images), torch.from_numpy(labels), classes, key
+    return torch.from_numpy(images), torch.from_numpy(labels), classes, _content_digest(images, labels, classes)
+
+
+def _content_digest(images: np.ndarray, labels: np.ndarray, classes: list[str]) -> str:
+    """sha256 of decoded images, labels and class names (about 0.2 s for CIFAR-10's 60,000 images)."""
+    h = hashlib.sha256(json.dumps([classes, list(images.shape)]).encode())
+    h.update(np.ascontiguousarray(images).data)
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).data)
+    return h.hexdigest()
 
 
 def _torchvision(name: str, root: Optional[str]) -> tuple[tuple, tuple, list[str]]:

@@ -14,12 +14,17 @@ from .data import ImageSet
 
 @torch.inference_mode()
 def top1_and_loss(model: nn.Module, data: ImageSet, batch_size: int = 256,
-                  device: torch.device | str = "cpu") -> tuple[float, float]:
-    """Top-1 accuracy (fraction) and mean cross-entropy of ``model`` on ``data``."""
+                  device: torch.device | str = "cpu", noise_sigma: float = 0.0, seed: int = 0) -> tuple[float, float]:
+    """Top-1 accuracy (fraction) and mean cross-entropy of ``model`` on ``data``; with ``noise_sigma``
+    on the images plus one draw of N(0, sigma^2) noise per pixel in [0, 1] space (seeded): what a
+    randomized-smoothing base classifier faces."""
     was_training = model.training
     model.eval()
     correct, loss, n = 0, 0.0, 0
+    g = torch.Generator().manual_seed(seed)
     for x, y in data.batches(batch_size):
+        if noise_sigma > 0:
+            x = x + noise_sigma * torch.randn(x.shape, generator=g)
         x, y = x.to(device), y.to(device)
         logits = model(x)
         loss += F.cross_entropy(logits.float(), y, reduction="sum").item()

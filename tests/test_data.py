@@ -1,5 +1,6 @@
 """Data sources, deterministic splits, the decode cache and batch augmentation."""
 
+import os
 import numpy as np
 import pytest
 import torch
@@ -53,10 +54,14 @@ def test_imagefolder_decodes_exactly_and_caches(tmp_path, monkeypatch):
     s2 = load_data(DataSpec(source=f"imagefolder:{root}", calib_size=4))
     assert torch.equal(s2.train.images, s.train.images)
     assert [p.stat().st_mtime_ns for p in cached] == mtimes
-    # a changed file changes the key: decoded again
+    # new mtimes (a restored or copied folder): decoded again, but the same data to resume keys
+    for f in root.rglob("*.png"):
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert load_data(DataSpec(source=f"imagefolder:{root}", calib_size=4)).fingerprint == s.fingerprint
+    # a changed file changes the key: decoded again, and other data
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "cat" / "0.png")
     s3 = load_data(DataSpec(source=f"imagefolder:{root}", calib_size=4))
-    assert int(s3.train.images[0].sum()) == 0
+    assert int(s3.train.images[0].sum()) == 0 and s3.fingerprint != s.fingerprint
     assert s.augment.flip and s.augment.pad == 1
 
 

@@ -96,7 +96,9 @@ def train_epoch(model: nn.Module, data: ImageSet, optimizer: torch.optim.Optimiz
     ``noise_sigma`` > 0 adds N(0, sigma^2) noise to every [0, 1] image before the model's own
     normalisation — the training that randomized smoothing needs (Cohen et al. 2019). With
     ``consistency`` > 0 each image is seen as ``copies`` noisy versions and ``consistency_loss``
-    is minimised. ``side`` (0 = left, 1 = right) trains on that half of the DRS diagonal split.
+    is minimised. ``side`` (0 = left, 1 = right) trains on that half of the DRS diagonal split; ``side`` 2 trains one
+    model shared by both sides on both halves of every image (the batch holds each image's left half,
+    then its right half, with the label twice).
     ``before_step`` is called before every batch's forward pass (the sparsify stage sets its
     per-step sparsity state there).
     """
@@ -107,7 +109,9 @@ def train_epoch(model: nn.Module, data: ImageSet, optimizer: torch.optim.Optimiz
                          total=steps, description=description, enabled=show_progress):
         if before_step is not None:
             before_step()
-        if side is not None:
+        if side == 2:
+            x, y = torch.cat(diagonal_split(x)), torch.cat([y, y])
+        elif side is not None:
             x = diagonal_split(x)[side]
         m = copies if consistency > 0 else 1
         if m > 1:

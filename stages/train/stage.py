@@ -36,7 +36,7 @@ class TrainConfig(Schema):
     consistency: float = Field(0.0, ge=0, description="with noise_sigma: weight of the consistency regulariser (Jeong & Shin 2020; e.g. 10-20); 0 = off")
     consistency_copies: int = Field(2, ge=2, description="noisy copies per image for the consistency regulariser")
     consistency_entropy: float = Field(0.5, ge=0, description="weight of the entropy term of the consistency regulariser")
-    drs_side: Optional[Literal["left", "right"]] = Field(None, description="train a dual-randomized-smoothing base classifier on this half of the diagonal split (the model then takes C x H x W/2 images)")
+    drs_side: Optional[Literal["left", "right", "both"]] = Field(None, description="train a dual-randomized-smoothing base classifier on this half of the diagonal split, or (both) one model for both halves (the model then takes C x H x W/2 images)")
     augment: bool = Field(True, description="use the data's standard augmentation (crop, flip)")
     max_grad_norm: Optional[float] = Field(None, gt=0, description="clip the gradient norm")
     eval_every: int = Field(1, ge=0, description="evaluate on the test split every N epochs (0 = only at the end)")
@@ -55,6 +55,22 @@ class _Side(torch.nn.Module):
         return self.model(diagonal_split(x)[self.side])
 
 
+def _test(scored: dict[str, torch.nn.Module], data, device: torch.device, noise_sigma: float) -> dict[str, float]:
+    """Top-1 and loss on the test split; for a model shared by both DRS sides, the mean over the two
+    halves (each also reported), so that it compares with a side model's own figure. With Gaussian
+    noise training also ``test_top1_noisy``: top-1 on the test images with one seeded draw of that
+    noise, the accuracy the smoothed classifier's votes come from."""
+    per = {k: top1_and_loss(m, data.test, device=device) for k, m in scored.items()}
+    row = {"test_top1": sum(t for t, _ in per.values()) / len(per),
+           "test_loss": sum(loss for _, loss in per.values()) / len(per)}
+    if len(per) > 1:
+        row.update({f"test_top1_{k}": t for k, (t, _) in per.items()})
+    if noise_sigma > 0:
+        row["test_top1_noisy"] = sum(top1_and_loss(m, data.test, device=device, noise_sigma=noise_sigma)[0]
+                                     for m in scored.values()) / len(scored)
+    return row
+
+
 def _plot(history: list[dict]) -> Figure:
     fig = Figure(figsize=(10, 3.6))
     a, b = fig.subplots(1, 2)
@@ -65,6 +81,9 @@ def _plot(history: list[dict]) -> Figure:
     a.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     b.plot(ep, [100 * h["train_top1"] for h in history], label="train (augmented)")
     b.plot([h["epoch"] for h in tested], [100 * h["test_top1"] for h in tested], "o-", label="test")
+    noisy = [h for h in tested if "test_top1_noisy" in h]
+    if noisy:
+        b.plot([h["epoch"] for h in noisy], [100 * h["test_top1_noisy"] for h in noisy], "s--", label="test, noisy")
     b.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
     for ax in (a, b):
         ax.grid(alpha=0.3)
@@ -84,11 +103,13 @@ def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
     if cfg.consistency > 0 and cfg.noise_sigma <= 0:
         raise InputError("train consistency needs Gaussian noise: set noise_sigma > 0",
                          "add --noise-sigma 0.25 (or drop --consistency)")
-    side = None if cfg.drs_side is None else ("left", "right").index(cfg.drs_side)
+    side = None if cfg.drs_side is None else ("left", "right", "both").index(cfg.drs_side)
     if side is not None and data.input_shape[-1] % 2:
         raise InputError(f"drs_side needs an even image width, the data has {data.input_shape[-1]}",
                          "resize the images (--image-size) or drop --drs-side")
-    scored = model if side is None else _Side(model, side)
+    # what the test split scores: the model, or its side(s) of each split test image
+    scored = {"": model} if side is None else {
+        k: _Side(model, i) for i, k in enumerate(("left", "right")) if side in (i, 2)}
     channels_last = cfg.channels_last and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -118,7 +139,7 @@ def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
         row["lr"] = scheduler.get_last_lr()[0]
         last = epoch + 1 == cfg.epochs
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            row["test_top1"], row["test_loss"] = top1_and_loss(scored, data.test, device=ctx.device)
+            row.update(_test(scored, data, ctx.device, cfg.noise_sigma))
         row["epoch_seconds"] = time.perf_counter() - te
         history.append(row)
         ctx.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
@@ -134,7 +155,8 @@ def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
     final = history[-1]
     metrics = {"test_top1": final["test_top1"], "test_loss": final["test_loss"],
                "train_loss": final["train_loss"], "train_top1": final["train_top1"],
-               "epochs": float(cfg.epochs), "train_seconds": sum(h["epoch_seconds"] for h in history)}
+               "epochs": float(cfg.epochs), "train_seconds": sum(h["epoch_seconds"] for h in history),
+               **{k: v for k, v in final.items() if k.startswith("test_top1_")}}  # sides, noisy
     record = None
     if side is not None:  # the model now takes half-width images
         half = list(half_image_shape(tuple(data.input_shape)))

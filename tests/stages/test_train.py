@@ -106,6 +106,71 @@ def test_noise_augmentation_changes_inputs_only_when_asked():
     assert (noisy - clean).std().item() == pytest.approx(0.5, rel=0.1)
 
 
+def test_noisy_test_accuracy_sees_one_seeded_draw_of_the_noise():
+    data = load_data(DataSpec(source="digits", limit_test=300))
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return self.lin(x.flatten(1))
+
+    m = Spy()
+    clean = top1_and_loss(m, data.test, batch_size=100)
+    assert torch.equal(torch.cat(seen), data.test.as_float(data.test.images))
+    seen.clear()
+    noisy = top1_and_loss(m, data.test, batch_size=100, noise_sigma=0.5)
+    first = torch.cat(seen)
+    assert (first - data.test.as_float(data.test.images)).std().item() == pytest.approx(0.5, rel=0.05)
+    seen.clear()
+    assert top1_and_loss(m, data.test, batch_size=100, noise_sigma=0.5) == noisy  # the same draw again
+    assert torch.equal(torch.cat(seen), first) and noisy != clean
+
+
+def test_a_model_shared_by_both_drs_sides_sees_each_image_as_two_labelled_halves():
+    """side 2: every batch is the images' left halves then their right halves (by the index rule of
+    the 2x2 diagonal pattern, written out here), each half with its image's label; with the
+    consistency regulariser the noisy copies repeat that whole stack."""
+    data = load_data(DataSpec(source="digits", limit_train=16))
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return self.lin(x.flatten(1))
+
+    def halves(img):  # img (C, H, W): pixel (i, j) goes left when i + j is even
+        h, w = img.shape[-2:]
+        left = [[img[:, i, j] for j in range(w) if (i + j) % 2 == 0] for i in range(h)]
+        right = [[img[:, i, j] for j in range(w) if (i + j) % 2 == 1] for i in range(h)]
+        return (torch.stack([torch.stack(r, -1) for r in left], -2),
+                torch.stack([torch.stack(r, -1) for r in right], -2))
+
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    images, labels = data.train.images[order], data.train.labels[order]
+    want = torch.cat([torch.stack([halves(im)[0] for im in images]), torch.stack([halves(im)[1] for im in images])])
+    for consistency, copies in ((0.0, 1), (5.0, 3)):
+        seen.clear()
+        m = Spy()
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        stats = train_epoch(m, data.train, opt, make_scheduler(opt, "constant", 1), 16,
+                            torch.Generator().manual_seed(0), torch.device("cpu"), side=2,
+                            consistency=consistency, copies=copies)
+        assert torch.equal(seen[0], want.repeat(copies, 1, 1, 1))
+        # the reported top-1 counts 32 labelled halves: the labels went in twice, in the same order
+        with torch.no_grad():
+            logits = m.lin(want.flatten(1))
+        assert stats["train_top1"] == pytest.approx((logits.argmax(1) == torch.cat([labels, labels])).float().mean().item())
+
+
 def test_consistency_loss_against_the_formula_by_hand():
     """Jeong & Shin (2020): mean CE over copies + lambda * mean KL(p_mean || p_i) + eta * H(p_mean),
     written out with explicit loops in float64."""
@@ -143,6 +208,7 @@ def test_drs_sides_train_on_half_images_and_certify_together(tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         out = last_json(res.stdout)["stages"][0]
         assert out["metrics"]["test_top1"] > 0.6  # half of an 8x8 digit under noise is still readable
+        assert 0.3 < out["metrics"]["test_top1_noisy"] <= 1.0  # and under one draw of the noise
         models[side] = out["model"]
         assert json.load(open(tmp_path / models[side] / "model.json"))["input_shape"] == [1, 8, 4]
     res = run_cli("certify", "--model", models["left"], "--model-right", models["right"], "--method", "drs",
