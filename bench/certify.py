@@ -4,7 +4,8 @@ at matched noise, ResNet-20 base classifiers trained with Gaussian noise.
 From one dense CIFAR ResNet-20 (a train stage's model folder) the script fine-tunes, with the same
 epochs, learning rate, data order and seed, an RS base classifier per sigma (default 0.25 and 0.5)
 and a left and a right DRS base classifier per DRS sigma (default 0.18 and 0.36 = RS sigma / sqrt(2),
-the matched levels of Xia et al.), then certifies each on the same test images (every 20th: 500)
+the matched levels of Xia et al.; ``--drs-models shared``: one model trained on both halves, the
+compute of one RS model; ``separate,shared``: both kinds of row; ``--dense zoo:resnet20``: every base classifier trained from scratch), then certifies each on the same test images (every 20th: 500)
 with n0 = 100, n = 10,000, alpha = 0.001. Every step is one ``python -m deploypipe train|certify ...
 --json`` subprocess, exactly as a user runs it (wall time and peak RSS read with wait4); finished
 steps are read back when the script is rerun. The table (certified accuracy at radii 0 .. 1.5, ACR,
@@ -32,15 +33,17 @@ RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dense", required=True, help="dense CIFAR ResNet-20 model folder to fine-tune with noise")
+    ap.add_argument("--dense", required=True,
+                    help="dense CIFAR ResNet-20 model folder to fine-tune with noise, or zoo:resnet20 to train from scratch")
     ap.add_argument("--data", default="imagefolder:../shared/data/cifar10")
     ap.add_argument("--rs-sigmas", default="0.25,0.5")
     ap.add_argument("--drs-sigmas", default="0.18,0.36")
     ap.add_argument("--epochs", type=int, default=4, help="noise fine-tuning epochs per base classifier")
     ap.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine), SGD")
     ap.add_argument("--consistency", type=float, default=0.0, help="consistency regulariser weight (0 = Gaussian augmentation only)")
-    ap.add_argument("--drs-shared", action="store_true",
-                    help="DRS: one base classifier trained on both halves (train --drs-side both), not one per side")
+    ap.add_argument("--drs-models", default="separate",
+                    help="DRS base classifiers: separate (one per side), shared (one trained on both halves: "
+                         "train --drs-side both), or separate,shared (a row for each)")
     ap.add_argument("--every", type=int, default=20, help="certify every k-th test image")
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--n0", type=int, default=100)
@@ -69,16 +72,20 @@ def main() -> None:
     if args.autocast:
         certify_opts.append("--autocast")
     rs = [("rs", float(s)) for s in args.rs_sigmas.split(",") if s]
+    kinds = [k for k in args.drs_models.split(",") if k]
+    if not kinds or set(kinds) - {"separate", "shared"}:
+        ap.error("--drs-models takes separate, shared or separate,shared")
     drs = [("drs", float(s)) for s in args.drs_sigmas.split(",") if s]
     order = [x for pair in zip(rs, drs) for x in pair] + rs[len(drs):] + drs[len(rs):]  # matched pairs first
     rows = []
-    for method, sigma in order:
+    steps = [(m, s, k) for m, s in order for k in (kinds if m == "drs" else [None])]
+    for method, sigma, kind in steps:
         tag = f"{method}-sigma{sigma:g}"
-        print(f"{method.upper()} sigma {sigma:g}", flush=True)
+        print(f"{method.upper()}{' (shared)' if kind == 'shared' else ''} sigma {sigma:g}", flush=True)
         if method == "rs":
             model, clean = train(f"train-{tag}", sigma)
             cmd = ["--model", model, "--method", "rs"]
-        elif args.drs_shared:  # one model for both halves: the compute of one RS model
+        elif kind == "shared":  # one model for both halves: the compute of one RS model
             tag += "-shared"
             model, clean = train(f"train-{tag}", sigma, "both")
             cmd = ["--model", model, "--method", "drs"]
@@ -90,7 +97,7 @@ def main() -> None:
         if args.only_train:
             continue
         m = run_deploypipe("certify", f"certify-{tag}", [*cmd, "--sigma", str(sigma), *certify_opts], out, args.threads)
-        rows.append({"method": method.upper() + (" (shared)" if method == "drs" and args.drs_shared else ""),
+        rows.append({"method": method.upper() + (" (shared)" if kind == "shared" else ""),
                      "sigma": sigma, "clean_top1": clean, "acr": m["acr"],
                      "seconds_per_image": m["seconds_per_image"], "images": int(m["images"]),
                      "abstain_rate": m["abstain_rate"], "wall_seconds": m["wall_seconds"],
@@ -99,7 +106,8 @@ def main() -> None:
 
     if args.only_train:
         return
-    lines = [f"ResNet-20 base classifiers fine-tuned {args.epochs} epochs with Gaussian noise from `{args.dense}`"
+    start = "from scratch" if args.dense.startswith("zoo:") else f"fine-tuned from `{args.dense}`"
+    lines = [f"ResNet-20 base classifiers trained {args.epochs} epochs with Gaussian noise {start} (lr {args.lr:g}, cosine)"
              f"{f' (consistency {args.consistency:g})' if args.consistency else ''}; every {args.every}th test image "
              f"({rows[0]['images'] if rows else 0}), n0 {args.n0}, n {args.n:,}, alpha {args.alpha}, batch "
              f"{args.batch_size}{', autocast' if args.autocast else ''}, {args.threads} CPU threads.", "",
@@ -117,7 +125,9 @@ def main() -> None:
             diff, se = paired_acr_difference(a["csv"], b["csv"])
             verdict = "above" if b["acr"] > a["acr"] else "not above"
             lines.append(f"{b['method']} sigma {b['sigma']:g} ACR {b['acr']:.3f} vs RS sigma {a['sigma']:g} ACR "
-                         f"{a['acr']:.3f}: {verdict} (paired over the same images: {diff:+.3f} +- {se:.3f} standard error)")
+                         f"{a['acr']:.3f}: {verdict} (paired over the same images: {diff:+.3f} +- {se:.3f} standard error; "
+                         f"with the DRS reference code's radius sigma*sqrt(a^2+b^2) the same votes give ACR >= "
+                         f"{reference_formula_acr(b['csv'], b['sigma']):.3f})")
     text = "\n".join(lines)
     print("\n" + text)
     (out / "results.md").write_text(text + "\n")
@@ -137,6 +147,25 @@ def paired_acr_difference(rs_csv: str, drs_csv: str) -> tuple[float, float]:
     mean = sum(d) / len(d)
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1))
     return mean, sd / math.sqrt(len(d))
+
+
+def reference_formula_acr(drs_csv: str, sigma: float) -> float:
+    """The ACR the DRS reference code's radius sigma * sqrt(max(a, 0)^2 + max(b, 0)^2) would give on
+    the same votes (a, b = Phi^-1 of each side's lower bound in the CSV), over the images the sound
+    rule certifies correctly; the images it abstains on are counted as 0, so a lower bound of what
+    that code reports (it would also certify a correct image with a + b <= 0 < max(a, b), at a radius
+    below sigma * Phi^-1 of that one side)."""
+    from statistics import NormalDist
+
+    ppf = NormalDist().inv_cdf
+    with open(drs_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    total = 0.0
+    for r in rows:
+        if int(r["correct"]):
+            a, b = (max(ppf(min(float(r[k]), 1 - 1e-16)), 0.0) for k in ("p_lower", "p_lower_right"))
+            total += sigma * math.hypot(a, b)
+    return total / len(rows)
 
 
 def plot(rows: list[dict], path: Path) -> None:

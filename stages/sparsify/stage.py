@@ -104,16 +104,19 @@ def _layer_table(model: torch.nn.Module, names: list[str], pattern: Pattern) -> 
     return rows
 
 
-def _plots(history: list[dict], steps: list[dict], table: list[dict], skipped: list[dict]) -> Figure:
+def _plots(history: list[dict], steps: list[dict], table: list[dict], skipped: list[dict],
+           reference: dict[str, float]) -> Figure:
     fig = Figure(figsize=(15, 4))
     a, b, c = fig.subplots(1, 3)
     a.plot([s["step"] for s in steps], [s["alpha"] for s in steps], label="α (pruned-weight multiplier)")
     a.plot([s["step"] for s in steps], [s["density"] for s in steps], label="pattern density N/M")
     a.set(xlabel="optimizer step", title="sparsity schedule", ylim=(-0.05, 1.05))
     ep = [h["epoch"] for h in history]
-    b.plot(ep, [100 * h["train_top1"] for h in history], label="train (augmented)")
+    b.plot(ep, [100 * h["train_top1"] for h in history], ".-", label="train (augmented)")
     tested = [h for h in history if "test_top1" in h]
     b.plot([h["epoch"] for h in tested], [100 * h["test_top1"] for h in tested], "o-", label="test")
+    for (label, top1), style in zip(reference.items(), ("--", ":")):  # the dense model, pruned without training
+        b.axhline(100 * top1, color="gray", linestyle=style, label=f"{label} (test)")
     b.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
     names = [r["layer"] for r in table + skipped]
     values = [100 * r["sparsity"] for r in table] + [0.0] * len(skipped)
@@ -255,7 +258,8 @@ def run(ctx: StageContext, cfg: SparsifyConfig) -> StageResult:
         f"(dense {metrics['dense_top1']:.4f}, {metrics['test_top1'] - metrics['dense_top1']:+.4f})")
     ctx.save_table("layers", table + [{"layer": r["layer"], "reason": r["reason"], "ok": True} for r in skipped])
     ctx.save_table("epochs", history)
-    ctx.save_figure(_plots(history, trace, table, skipped), "sparsity")
+    reference = {"dense": metrics["dense_top1"], "pruned, no training": metrics["oneshot_top1"]}
+    ctx.save_figure(_plots(history, trace, table, skipped, reference), "sparsity")
     compressed, sizes = _compress(model, names, target)
     torch.save(compressed, ctx.out_dir / "compressed_weights.pt")
     zeros = sum(r["params"] - r["nonzero"] for r in table)
