@@ -12,6 +12,18 @@ from deploypipe.zoo import digits_cnn
 from deploypipe.stages.train.loop import lr_factor, make_optimizer, make_scheduler, train_epoch
 
 
+class _Recorder(torch.nn.Module):
+    """A linear classifier that records every input batch it sees."""
+
+    def __init__(self, features: int, seen: list):
+        super().__init__()
+        self.lin, self.seen = torch.nn.Linear(features, 10), seen
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.lin(x.flatten(1))
+
+
 def test_onecycle_matches_torch_onecyclelr():
     """Our one-cycle shape equals torch.optim.lr_scheduler.OneCycleLR (cos, two phases)."""
     total, peak = 200, 0.3
@@ -85,18 +97,8 @@ def test_resume_from_checkpoint_equals_uninterrupted_run():
 def test_noise_augmentation_changes_inputs_only_when_asked():
     data = load_data(DataSpec(source="digits", limit_train=64))
     seen = []
-
-    class Spy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(64, 10)
-
-        def forward(self, x):
-            seen.append(x.detach().clone())
-            return self.lin(x.flatten(1))
-
     for sigma in (0.0, 0.5):
-        m = Spy()
+        m = _Recorder(64, seen)
         opt = torch.optim.SGD(m.parameters(), lr=0.0)
         sched = make_scheduler(opt, "constant", 1)
         train_epoch(m, data.train, opt, sched, 64, torch.Generator().manual_seed(0), torch.device("cpu"),
@@ -109,17 +111,7 @@ def test_noise_augmentation_changes_inputs_only_when_asked():
 def test_noisy_test_accuracy_sees_one_seeded_draw_of_the_noise():
     data = load_data(DataSpec(source="digits", limit_test=300))
     seen = []
-
-    class Spy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(64, 10)
-
-        def forward(self, x):
-            seen.append(x.detach().clone())
-            return self.lin(x.flatten(1))
-
-    m = Spy()
+    m = _Recorder(64, seen)
     clean = top1_and_loss(m, data.test, batch_size=100)
     assert torch.equal(torch.cat(seen), data.test.as_float(data.test.images))
     seen.clear()
@@ -138,15 +130,6 @@ def test_a_model_shared_by_both_drs_sides_sees_each_image_as_two_labelled_halves
     data = load_data(DataSpec(source="digits", limit_train=16))
     seen = []
 
-    class Spy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(32, 10)
-
-        def forward(self, x):
-            seen.append(x.detach().clone())
-            return self.lin(x.flatten(1))
-
     def halves(img):  # img (C, H, W): pixel (i, j) goes left when i + j is even
         h, w = img.shape[-2:]
         left = [[img[:, i, j] for j in range(w) if (i + j) % 2 == 0] for i in range(h)]
@@ -159,7 +142,7 @@ def test_a_model_shared_by_both_drs_sides_sees_each_image_as_two_labelled_halves
     want = torch.cat([torch.stack([halves(im)[0] for im in images]), torch.stack([halves(im)[1] for im in images])])
     for consistency, copies in ((0.0, 1), (5.0, 3)):
         seen.clear()
-        m = Spy()
+        m = _Recorder(32, seen)
         opt = torch.optim.SGD(m.parameters(), lr=0.0)
         stats = train_epoch(m, data.train, opt, make_scheduler(opt, "constant", 1), 16,
                             torch.Generator().manual_seed(0), torch.device("cpu"), side=2,
