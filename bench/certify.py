@@ -9,7 +9,8 @@ compute of one RS model; ``separate,shared``: both kinds of row; ``--dense zoo:r
 with n0 = 100, n = 10,000, alpha = 0.001. Every step is one ``python -m deploypipe train|certify ...
 --json`` subprocess, exactly as a user runs it (wall time and peak RSS read with wait4); finished
 steps are read back when the script is rerun. The table (certified accuracy at radii 0 .. 1.5, ACR,
-clean accuracy of the base classifiers, seconds per image) goes to stdout and to
+top-1 of the base classifiers on the clean test images and, where the train stage reported it, under
+one draw of their noise; seconds per image) goes to stdout and to
 ``--out``/results.md and results.json, the curves of all rows to ``--out``/certified_accuracy.png.
 
     python bench/certify.py --dense runs/resnet20/train/model --data imagefolder:../shared/data/cifar10
@@ -57,7 +58,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def train(label: str, sigma: float, side: str | None = None) -> tuple[str, float]:
+    def train(label: str, sigma: float, side: str | None = None) -> tuple[str, tuple[float, float | None]]:
         cmd = ["--model", args.dense, "--data", args.data, "--noise-sigma", str(sigma), "--epochs", str(args.epochs),
                "--lr", str(args.lr), "--schedule", "cosine"]
         if args.consistency > 0:
@@ -65,7 +66,7 @@ def main() -> None:
         if side:
             cmd += ["--drs-side", side]
         m = run_deploypipe("train", label, cmd, out, args.threads)
-        return str(out / label / "train" / "model"), m["test_top1"]
+        return str(out / label / "train" / "model"), (m["test_top1"], m.get("test_top1_noisy"))
 
     certify_opts = ["--data", args.data, "--every", str(args.every), "--n", str(args.n), "--n0", str(args.n0),
                     "--alpha", str(args.alpha), "--batch-size", str(args.batch_size)]
@@ -92,13 +93,13 @@ def main() -> None:
         else:
             left, clean_l = train(f"train-{tag}-left", sigma, "left")
             right, clean_r = train(f"train-{tag}-right", sigma, "right")
-            clean = (clean_l + clean_r) / 2
+            clean = tuple(None if None in (a, b) else (a + b) / 2 for a, b in zip(clean_l, clean_r))
             cmd = ["--model", left, "--model-right", right, "--method", "drs"]
         if args.only_train:
             continue
         m = run_deploypipe("certify", f"certify-{tag}", [*cmd, "--sigma", str(sigma), *certify_opts], out, args.threads)
         rows.append({"method": method.upper() + (" (shared)" if kind == "shared" else ""),
-                     "sigma": sigma, "clean_top1": clean, "acr": m["acr"],
+                     "sigma": sigma, "clean_top1": clean[0], "noisy_top1": clean[1], "acr": m["acr"],
                      "seconds_per_image": m["seconds_per_image"], "images": int(m["images"]),
                      "abstain_rate": m["abstain_rate"], "wall_seconds": m["wall_seconds"],
                      **{f"r{r:g}": m[f"certified_acc_r{r:g}"] for r in RADII},
@@ -111,10 +112,11 @@ def main() -> None:
              f"{f' (consistency {args.consistency:g})' if args.consistency else ''}; every {args.every}th test image "
              f"({rows[0]['images'] if rows else 0}), n0 {args.n0}, n {args.n:,}, alpha {args.alpha}, batch "
              f"{args.batch_size}{', autocast' if args.autocast else ''}, {args.threads} CPU threads.", "",
-             "| method | sigma | clean top-1 of base | " + " | ".join(f"r={r:g}" for r in RADII) + " | ACR | s / image |",
+             "| method | sigma | top-1 of base: clean / noisy | " + " | ".join(f"r={r:g}" for r in RADII) + " | ACR | s / image |",
              "|---|---|---|" + "---|" * len(RADII) + "---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['sigma']:g} | {100 * r['clean_top1']:.2f} | "
+        noisy = "–" if r["noisy_top1"] is None else f"{100 * r['noisy_top1']:.2f}"
+        lines.append(f"| {r['method']} | {r['sigma']:g} | {100 * r['clean_top1']:.2f} / {noisy} | "
                      + " | ".join(f"{100 * r[f'r{x:g}']:.1f}" for x in RADII)
                      + f" | {r['acr']:.3f} | {r['seconds_per_image']:.2f} |")
     pairs = [(a, b) for a in rows for b in rows if a["method"] == "RS" and b["method"].startswith("DRS")
