@@ -96,9 +96,9 @@ def train_epoch(model: nn.Module, data: ImageSet, optimizer: torch.optim.Optimiz
     ``noise_sigma`` > 0 adds N(0, sigma^2) noise to every [0, 1] image before the model's own
     normalisation — the training that randomized smoothing needs (Cohen et al. 2019). With
     ``consistency`` > 0 each image is seen as ``copies`` noisy versions and ``consistency_loss``
-    is minimised. ``side`` (0 = left, 1 = right) trains on that half of the DRS diagonal split; ``side`` 2 trains one
-    model shared by both sides on both halves of every image (the batch holds each image's left half,
-    then its right half, with the label twice).
+    is minimised. ``side`` (0 = left, 1 = right) trains on that half of the DRS diagonal split;
+    ``side`` 2 trains one model shared by both sides on both halves of every image (the batch holds
+    the images' left halves, then their right halves, each with its image's label).
     ``before_step`` is called before every batch's forward pass (the sparsify stage sets its
     per-step sparsity state there).
     """
