@@ -96,6 +96,28 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+    """The CLI's own entry point (``deploypipe.cli.main``) in this process: exit code, stdout, stderr.
+    For help texts and refusals that stop before any stage runs, without a process start each."""
+    import contextlib
+    import io
+
+    from deploypipe.cli import main
+
+    out, err, code, before = io.StringIO(), io.StringIO(), 0, os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+            except SystemExit as exit_:
+                code = exit_.code or 0
+    finally:
+        os.chdir(before)
+    return code, out.getvalue(), err.getvalue()
+
+
 def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import last_json, pipeline_file, run_cli
+from conftest import last_json, pipeline_file, run_cli, run_main
 from deploypipe.models import load_model
 
 
@@ -151,10 +151,12 @@ def test_stages_and_help():
     stages = json.loads(res.stdout)
     assert {"train", "evaluate"} <= set(stages)
     assert "noise_sigma" in {o["name"] for o in stages["train"]["options"]}
-    for args in (["--help"], ["train", "--help"], ["run", "--help"], ["evaluate", "--help"], ["ui", "--help"],
+    res = run_cli("--help")
+    assert res.returncode == 0 and "Example" in res.stdout
+    for args in (["train", "--help"], ["run", "--help"], ["evaluate", "--help"], ["ui", "--help"],
                  ["stages", "--help"], ["demo", "--help"]):
-        res = run_cli(*args)
-        assert res.returncode == 0 and "Example" in res.stdout, args
+        code, out, _ = run_main(*args)  # the same entry point, in this process
+        assert code == 0 and "Example" in out, args
     assert shutil.which("deploypipe"), "the console script is installed"
 
 
