@@ -115,6 +115,7 @@ def test_http_tracking_against_a_real_server(tmp_path, mlflow_server):
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing went to the local store
 
 
+@pytest.mark.usefixtures("cli_store")
 def test_user_model_factory_and_checkpoint_through_evaluate(tmp_path):
     (tmp_path / "my_cifar_models.py").write_text(textwrap.dedent("""
         import torch.nn as nn
@@ -160,6 +161,7 @@ def test_stages_and_help():
     assert shutil.which("deploypipe"), "the console script is installed"
 
 
+@pytest.mark.usefixtures("cli_store")
 def test_stage_crash_exits_1_and_keeps_earlier_outputs(tmp_path):
     """A model that fails only in training mode: evaluate (eval mode) finishes, train crashes."""
     (tmp_path / "fragile_models.py").write_text(textwrap.dedent("""

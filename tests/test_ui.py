@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import requests
 
 from conftest import REPO, free_port, last_json, pipeline_file, run_cli, wait_for_health
 
 
+@pytest.mark.usefixtures("cli_store")
 def test_ui_serves_runs_and_artifacts(tmp_path):
     res = run_cli("run", str(pipeline_file(tmp_path)), "--workdir", "runs", "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -46,6 +46,7 @@ def test_models_that_cannot_run_in_onnxruntime_stay_in_pytorch(capsys):
     assert session is None and "differ" in why
 
 
+@pytest.mark.usefixtures("cli_store")
 def test_certify_in_either_runtime_gives_the_same_certificates(tmp_path):
     common = ["certify", "--model", "zoo:digits_cnn", "--n0", "20", "--n", "300", "--alpha", "0.01",
               "--num-images", "6", "--sigma", "0.1"]

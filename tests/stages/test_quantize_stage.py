@@ -6,7 +6,7 @@ import csv
 import pytest
 import torch
 
-from conftest import last_json, run_cli
+from conftest import last_json, run_cli, run_main
 from deploypipe.config import PipelineConfig, validate
 from deploypipe.evaluation import top1_and_loss
 from deploypipe.models import load_model
@@ -53,6 +53,7 @@ def test_quantize_stage_end_to_end(workdir, mode):
     assert (workdir / "q" / "quantize" / "model.onnx").is_file() and m["onnx_top1_agreement"] >= 0.99
 
 
+@pytest.mark.usefixtures("cli_store")
 def test_quantize_command_on_a_saved_model(tmp_path):
     res = run_cli("train", "--model", "zoo:digits_cnn", "--epochs", "3", "--lr", "0.05", "--out", "out", "--json",
                   cwd=tmp_path)
@@ -68,9 +69,9 @@ def test_quantize_command_on_a_saved_model(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]  # 'null' on the command line = weight-only
     rows = list(csv.DictReader(open(tmp_path / "wonly" / "quantize" / "layers.csv")))
     assert [r["a_bits"] for r in rows] == [""] * len(rows) and rows[1]["w_bits"] == "4"
-    bad = run_cli("quantize", "--model", model_dir, "--exclude", "*", "--out", "out", cwd=tmp_path)
-    last = bad.stderr.strip().splitlines()[-1]  # the error is one line, after the stage's log
-    assert bad.returncode == 2 and last.startswith("error: ") and "no layer matches" in last and "fix: widen" in last
+    code, _, err = run_main("quantize", "--model", model_dir, "--exclude", "*", "--out", "out", cwd=tmp_path)
+    last = err.strip().splitlines()[-1]  # the error is one line, after the stage's log
+    assert code == 2 and last.startswith("error: ") and "no layer matches" in last and "fix: widen" in last
 
 
 def test_capture_is_not_changed_by_inplace_ops_downstream():

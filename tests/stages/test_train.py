@@ -176,13 +176,14 @@ def test_consistency_loss_against_the_formula_by_hand():
     assert float(got) == pytest.approx(ce + 7.0 * kl / b + 0.3 * ent / b, rel=1e-6)
 
 
+@pytest.mark.usefixtures("cli_store")
 def test_drs_sides_train_on_half_images_and_certify_together(tmp_path):
     """Two side models (left with the consistency regulariser) on the diagonal halves of the digits,
     then DRS certification with both; the side models record their half-width input."""
     import csv
     import json
 
-    from conftest import last_json, run_cli
+    from conftest import last_json, run_cli, run_main
 
     models = {}
     for side, extra in (("left", ["--consistency", "5"]), ("right", [])):
@@ -201,5 +202,5 @@ def test_drs_sides_train_on_half_images_and_certify_together(tmp_path):
     m = last_json(res.stdout)["stages"][0]["metrics"]
     rows = list(csv.DictReader(open(tmp_path / "drs" / "certify" / "certify.csv")))
     assert len(rows) == 10 and m["certified_acc_r0"] >= 0.5
-    bad = run_cli("train", "--model", "zoo:digits_cnn", "--consistency", "5", "--out", "bad", cwd=tmp_path)
-    assert bad.returncode == 2 and "noise_sigma" in bad.stderr
+    code, _, err = run_main("train", "--model", "zoo:digits_cnn", "--consistency", "5", "--out", "bad", cwd=tmp_path)
+    assert code == 2 and "noise_sigma" in err
