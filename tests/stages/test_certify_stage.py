@@ -263,6 +263,7 @@ def test_the_journal_is_read_back_only_for_the_same_weights_and_images(tmp_path)
     assert _resume(path, ident, [5, 10]) == rows[1:]
     assert _resume(tmp_path / "none.jsonl", ident, [0]) == []
 
+
 @pytest.mark.usefixtures("cli_store")
 def test_out_of_memory_halves_the_forward_chunk_first_and_keeps_the_noise(tmp_path):
     (tmp_path / "oomy.py").write_text(
