@@ -5,7 +5,9 @@ From one dense CIFAR ResNet-20 (a train stage's model folder) the script fine-tu
 epochs, learning rate, data order and seed, an RS base classifier per sigma (default 0.25 and 0.5)
 and a left and a right DRS base classifier per DRS sigma (default 0.18 and 0.36 = RS sigma / sqrt(2),
 the matched levels of Xia et al.; ``--drs-models shared``: one model trained on both halves, the
-compute of one RS model; ``separate,shared``: both kinds of row; ``--dense zoo:resnet20``: every base classifier trained from scratch), then certifies each on the same test images (every 20th: 500)
+compute of one RS model; ``separate,shared``: both kinds of row; ``--drs-input full``: the DRS networks see their half-image
+pair-filled back to the full grid, at twice the compute; ``--dense zoo:resnet20``: every base
+classifier trained from scratch), then certifies each on the same test images (every 20th: 500)
 with n0 = 100, n = 10,000, alpha = 0.001. Every step is one ``python -m deploypipe train|certify ...
 --json`` subprocess, exactly as a user runs it (wall time and peak RSS read with wait4); finished
 steps are read back when the script is rerun. The table (certified accuracy at radii 0 .. 1.5, ACR,
@@ -45,6 +47,9 @@ def main() -> None:
     ap.add_argument("--drs-models", default="separate",
                     help="DRS base classifiers: separate (one per side), shared (one trained on both halves: "
                          "train --drs-side both), or separate,shared (a row for each)")
+    ap.add_argument("--drs-input", choices=("half", "full"), default="half",
+                    help="what a DRS base classifier's network sees: the packed half-image (half) or the half-image "
+                         "pair-filled back to the full grid (full: train --drs-input full; twice the compute)")
     ap.add_argument("--every", type=int, default=20, help="certify every k-th test image")
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--n0", type=int, default=100)
@@ -64,7 +69,7 @@ def main() -> None:
         if args.consistency > 0:
             cmd += ["--consistency", str(args.consistency)]
         if side:
-            cmd += ["--drs-side", side]
+            cmd += ["--drs-side", side] + (["--drs-input", "full"] if args.drs_input == "full" else [])
         m = run_deploypipe("train", label, cmd, out, args.threads)
         return str(out / label / "train" / "model"), (m["test_top1"], m.get("test_top1_noisy"))
 
@@ -81,7 +86,7 @@ def main() -> None:
     rows = []
     steps = [(m, s, k) for m, s in order for k in (kinds if m == "drs" else [None])]
     for method, sigma, kind in steps:
-        tag = f"{method}-sigma{sigma:g}"
+        tag = f"{method}-sigma{sigma:g}" + ("-full" if method == "drs" and args.drs_input == "full" else "")
         print(f"{method.upper()}{' (shared)' if kind == 'shared' else ''} sigma {sigma:g}", flush=True)
         if method == "rs":
             model, clean = train(f"train-{tag}", sigma)
@@ -98,7 +103,8 @@ def main() -> None:
         if args.only_train:
             continue
         m = run_deploypipe("certify", f"certify-{tag}", [*cmd, "--sigma", str(sigma), *certify_opts], out, args.threads)
-        rows.append({"method": method.upper() + (" (shared)" if kind == "shared" else ""),
+        label = ", ".join(([kind] if kind == "shared" else []) + (["full grid"] if tag.endswith("-full") else []))
+        rows.append({"method": method.upper() + (f" ({label})" if label else ""),
                      "sigma": sigma, "clean_top1": clean[0], "noisy_top1": clean[1], "acr": m["acr"],
                      "seconds_per_image": m["seconds_per_image"], "images": int(m["images"]),
                      "abstain_rate": m["abstain_rate"], "wall_seconds": m["wall_seconds"],

@@ -10,7 +10,7 @@ from typing import Literal, Optional
 
 import torch
 from matplotlib.figure import Figure
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from deploypipe.config import Schema
 from deploypipe.data import diagonal_split, half_image_shape
@@ -20,6 +20,7 @@ from deploypipe.progress import log
 from deploypipe.stage import StageContext, StageResult, register
 
 from .loop import make_optimizer, make_scheduler, train_epoch
+from .side_input import KIND as PAIR_FILL, TRANSFORM_MODULE as SIDE_INPUT_MODULE, PairFill
 
 
 class TrainConfig(Schema):
@@ -37,11 +38,20 @@ class TrainConfig(Schema):
     consistency_copies: int = Field(2, ge=2, description="noisy copies per image for the consistency regulariser")
     consistency_entropy: float = Field(0.5, ge=0, description="weight of the entropy term of the consistency regulariser")
     drs_side: Optional[Literal["left", "right", "both"]] = Field(None, description="train a dual-randomized-smoothing base classifier on this half of the diagonal split, or (both) one model for both halves (the model then takes C x H x W/2 images)")
+    drs_input: Literal["half", "full"] = Field("half", description="with drs_side, what the network sees: half = the packed C x H x W/2 sub-image; full = each kept pixel filling its horizontal pixel pair, the original C x H x W geometry (twice the compute; a model trained on full images keeps its features)")
     augment: bool = Field(True, description="use the data's standard augmentation (crop, flip)")
     max_grad_norm: Optional[float] = Field(None, gt=0, description="clip the gradient norm")
     eval_every: int = Field(1, ge=0, description="evaluate on the test split every N epochs (0 = only at the end)")
     channels_last: bool = Field(True, description="channels-last memory format for conv nets (faster on CPU)")
     resume: bool = Field(True, description="resume from the last per-epoch checkpoint of an interrupted run")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "TrainConfig":  # checked before a work directory is made
+        if self.consistency > 0 and self.noise_sigma <= 0:
+            raise ValueError("consistency needs Gaussian noise: set noise_sigma > 0 (e.g. --noise-sigma 0.25) or drop consistency")
+        if self.drs_input == "full" and self.drs_side is None:
+            raise ValueError("drs_input full is for DRS side models: add drs_side (--drs-side left|right|both) or drop drs_input")
+        return self
 
 
 class _Side(torch.nn.Module):
@@ -100,13 +110,13 @@ def model_input_shape(cfg: TrainConfig, shape: tuple[int, ...]) -> tuple[int, ..
           model_input_shape=model_input_shape)
 def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
     model, data = ctx.model, ctx.data
-    if cfg.consistency > 0 and cfg.noise_sigma <= 0:
-        raise InputError("train consistency needs Gaussian noise: set noise_sigma > 0",
-                         "add --noise-sigma 0.25 (or drop --consistency)")
     side = None if cfg.drs_side is None else ("left", "right", "both").index(cfg.drs_side)
     if side is not None and data.input_shape[-1] % 2:
         raise InputError(f"drs_side needs an even image width, the data has {data.input_shape[-1]}",
                          "resize the images (--image-size) or drop --drs-side")
+    fill = cfg.drs_input == "full" and not isinstance(model, PairFill)  # a full-input side model stays one
+    if fill:
+        model = PairFill(model)  # before the optimizer, the scored sides and a resumed checkpoint
     # what the test split scores: the model, or its side(s) of each split test image
     scored = {"": model} if side is None else {
         k: _Side(model, i) for i, k in enumerate(("left", "right")) if side in (i, 2)}
@@ -161,4 +171,6 @@ def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
     if side is not None:  # the model now takes half-width images
         half = list(half_image_shape(tuple(data.input_shape)))
         record = dataclasses.replace(ctx.record, input_shape=half)
+        if fill:
+            record = record.with_transform(PAIR_FILL, SIDE_INPUT_MODULE, {})
     return StageResult(model=model, record=record, metrics=metrics)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deploypipe.config import DataSpec
-from deploypipe.data import load_data
+from deploypipe.data import diagonal_split, load_data
 from deploypipe.evaluation import top1_and_loss
 from deploypipe.zoo import digits_cnn
 from deploypipe.stages.train.loop import lr_factor, make_optimizer, make_scheduler, train_epoch
@@ -154,6 +154,24 @@ def test_a_model_shared_by_both_drs_sides_sees_each_image_as_two_labelled_halves
         assert stats["train_top1"] == pytest.approx((logits.argmax(1) == torch.cat([labels, labels])).float().mean().item())
 
 
+def test_pair_fill_puts_each_half_pixel_back_over_its_own_pixel_pair():
+    """For both sides of the split: the filled image holds each kept pixel at its own place (by the
+    index rule of the 2x2 diagonal pattern, written out here) and at its pair neighbour's."""
+    from deploypipe.stages.train.side_input import PairFill, pair_fill
+
+    x = torch.randn(2, 3, 6, 8)
+    for side, half in enumerate(diagonal_split(x)):
+        full = pair_fill(half)
+        assert full.shape == x.shape
+        for i in range(6):
+            for j in range(8):
+                kept = j if (i + j) % 2 == side else j ^ 1  # this pixel, or the other one of its pair
+                assert torch.equal(full[..., i, j], x[..., i, kept])
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 8, 4))
+    half = diagonal_split(x)[0]
+    assert torch.equal(PairFill(net)(half), net(pair_fill(half)))
+
+
 def test_consistency_loss_against_the_formula_by_hand():
     """Jeong & Shin (2020): mean CE over copies + lambda * mean KL(p_mean || p_i) + eta * H(p_mean),
     written out with explicit loops in float64."""
@@ -178,15 +196,16 @@ def test_consistency_loss_against_the_formula_by_hand():
 
 @pytest.mark.usefixtures("cli_store")
 def test_drs_sides_train_on_half_images_and_certify_together(tmp_path):
-    """Two side models (left with the consistency regulariser) on the diagonal halves of the digits,
-    then DRS certification with both; the side models record their half-width input."""
+    """Two side models (left with the consistency regulariser, right seeing its half pair-filled to
+    the full grid) on the diagonal halves of the digits, then DRS certification with both; the side
+    models record their half-width input."""
     import csv
     import json
 
     from conftest import last_json, run_cli, run_main
 
     models = {}
-    for side, extra in (("left", ["--consistency", "5"]), ("right", [])):
+    for side, extra in (("left", ["--consistency", "5"]), ("right", ["--drs-input", "full"])):
         res = run_cli("train", "--model", "zoo:digits_cnn", "--epochs", "6", "--lr", "0.05", "--noise-sigma", "0.18",
                       "--drs-side", side, *extra, "--out", side, "--json", cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-2000:]
@@ -194,7 +213,9 @@ def test_drs_sides_train_on_half_images_and_certify_together(tmp_path):
         assert out["metrics"]["test_top1"] > 0.6  # half of an 8x8 digit under noise is still readable
         assert 0.3 < out["metrics"]["test_top1_noisy"] <= 1.0  # and under one draw of the noise
         models[side] = out["model"]
-        assert json.load(open(tmp_path / models[side] / "model.json"))["input_shape"] == [1, 8, 4]
+        record = json.load(open(tmp_path / models[side] / "model.json"))
+        assert record["input_shape"] == [1, 8, 4]  # both take half-images; the right one pair-fills them
+        assert [t["kind"] for t in record["transforms"]] == ([] if side == "left" else ["drs_pair_fill"])
     res = run_cli("certify", "--model", models["left"], "--model-right", models["right"], "--method", "drs",
                   "--sigma", "0.18", "--n0", "20", "--n", "300", "--alpha", "0.01", "--num-images", "10",
                   "--out", "drs", "--json", cwd=tmp_path)
@@ -203,4 +224,6 @@ def test_drs_sides_train_on_half_images_and_certify_together(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "drs" / "certify" / "certify.csv")))
     assert len(rows) == 10 and m["certified_acc_r0"] >= 0.5
     code, _, err = run_main("train", "--model", "zoo:digits_cnn", "--consistency", "5", "--out", "bad", cwd=tmp_path)
-    assert code == 2 and "noise_sigma" in err
+    assert code == 2 and "noise_sigma" in err and not (tmp_path / "bad").exists()
+    code, _, err = run_main("train", "--model", "zoo:digits_cnn", "--drs-input", "full", "--out", "bad", cwd=tmp_path)
+    assert code == 2 and "drs_side" in err and not (tmp_path / "bad").exists()
