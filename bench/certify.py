@@ -5,10 +5,10 @@ From one dense CIFAR ResNet-20 (a train stage's model folder) the script fine-tu
 epochs, learning rate, data order and seed, an RS base classifier per sigma (default 0.25 and 0.5)
 and a left and a right DRS base classifier per DRS sigma (default 0.18 and 0.36 = RS sigma / sqrt(2),
 the matched levels of Xia et al.; ``--drs-models shared``: one model trained on both halves, the
-compute of one RS model; ``separate,shared``: both kinds of row; ``--drs-input full``: the DRS networks see their half-image
-pair-filled back to the full grid, at twice the compute; ``--dense zoo:resnet20``: every base
-classifier trained from scratch), then certifies each on the same test images (every 20th: 500)
-with n0 = 100, n = 10,000, alpha = 0.001. Every step is one ``python -m deploypipe train|certify ...
+compute of one RS model; ``separate,shared``: both kinds of row; ``--drs-input full``: each DRS side
+network sees its pixels back in the full grid (the others filled from their neighbours), at twice
+the compute; ``--dense zoo:resnet20``: every base classifier trained from scratch), then certifies
+each on the same test images (every 20th: 500) with n0 = 100, n = 10,000, alpha = 0.001. Every step is one ``python -m deploypipe train|certify ...
 --json`` subprocess, exactly as a user runs it (wall time and peak RSS read with wait4); finished
 steps are read back when the script is rerun. The table (certified accuracy at radii 0 .. 1.5, ACR,
 top-1 of the base classifiers on the clean test images and, where the train stage reported it, under
@@ -48,8 +48,9 @@ def main() -> None:
                     help="DRS base classifiers: separate (one per side), shared (one trained on both halves: "
                          "train --drs-side both), or separate,shared (a row for each)")
     ap.add_argument("--drs-input", choices=("half", "full"), default="half",
-                    help="what a DRS base classifier's network sees: the packed half-image (half) or the half-image "
-                         "pair-filled back to the full grid (full: train --drs-input full; twice the compute)")
+                    help="what a DRS side model's network sees: the packed half-image (half) or the side's pixels "
+                         "back in the full grid, the others filled from their neighbours (full: train --drs-input "
+                         "full; twice the compute; side models only, --drs-models separate)")
     ap.add_argument("--every", type=int, default=20, help="certify every k-th test image")
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--n0", type=int, default=100)
@@ -81,6 +82,8 @@ def main() -> None:
     kinds = [k for k in args.drs_models.split(",") if k]
     if not kinds or set(kinds) - {"separate", "shared"}:
         ap.error("--drs-models takes separate, shared or separate,shared")
+    if args.drs_input == "full" and "shared" in kinds:
+        ap.error("--drs-input full fills one side's grid: use it with --drs-models separate")
     drs = [("drs", float(s)) for s in args.drs_sigmas.split(",") if s]
     order = [x for pair in zip(rs, drs) for x in pair] + rs[len(drs):] + drs[len(rs):]  # matched pairs first
     rows = []

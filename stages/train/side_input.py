@@ -2,44 +2,60 @@
 
 ``diagonal_split`` packs each side of the 2x2 diagonal pattern into a C x H x W/2 sub-image: row i
 holds the pixels of columns 2j + (i mod 2) (left) or 2j + 1 - (i mod 2) (right). A network fed that
-packed grid sees the scene squeezed 2x horizontally and sheared by one pixel between rows; the
-features of a network trained on full images do not transfer to it.
+packed grid sees the scene squeezed 2x horizontally and sheared by one pixel between rows, so the
+features of a network trained on full images transfer poorly.
 
-``PairFill`` puts each kept pixel back over the horizontal pixel pair (columns 2j, 2j+1) it came
-from, so the wrapped network sees a C x H x W image with the original geometry (each pixel at its
-own place or its pair neighbour's) - how Xia et al.'s code feeds full-size ResNets. It is the same
-map for both sides. The model still *takes* the C x H x W/2 half-image, and the fill is a fixed
-function of it, so smoothing the half-image stays exactly the DRS of the certify stage (the noise is
-drawn on the W/2 pixels, not on the filled image). The cost is the full-image network's compute.
+``GridFill`` puts the side's pixels back at their own places in the C x H x W grid - a checkerboard:
+left is (i + j) even, right (i + j) odd - and fills each other pixel with the mean of its 4
+neighbours, which all belong to the side (at the border, of those inside the image). The wrapped
+network sees the original geometry, as Xia et al.'s code feeds full-size ResNets (theirs keeps the
+side's pixels in place too). The model still *takes* the half-image and the fill is a fixed linear
+function of it, so smoothing the half-image is exactly the DRS of the certify stage: the noise is
+drawn on the W/2 columns, and the filled pixels carry averages of it. The fill depends on the side,
+so a full-grid model serves one side (train it with ``drs_side`` left or right). The cost is the
+full-image network's compute.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deploypipe.models import register_transform
 
 TRANSFORM_MODULE = __name__
-KIND = "drs_pair_fill"
+KIND = "drs_grid_fill"
+SIDES = ("left", "right")
+_CROSS = ((0.0, 1.0, 0.0), (1.0, 0.0, 1.0), (0.0, 1.0, 0.0))
 
 
-def pair_fill(half: torch.Tensor) -> torch.Tensor:
-    """(..., H, W/2) -> (..., H, W): column j of the half-image fills columns 2j and 2j+1."""
-    return torch.stack((half, half), dim=-1).flatten(-2)
+def grid_fill(half: torch.Tensor, side: int) -> torch.Tensor:
+    """(N, C, H, W/2) half-image of ``side`` (0 left, 1 right) -> (N, C, H, W): its pixels at their
+    places, every other pixel the mean of its in-image 4-neighbours."""
+    n, c, h, w2 = half.shape
+    full = torch.stack((half, half), dim=-1).flatten(-2)  # column j at 2j and 2j+1
+    rows = torch.arange(h, device=half.device)[:, None]
+    cols = torch.arange(2 * w2, device=half.device)[None, :]
+    mine = ((rows + cols) % 2 == side).to(half.dtype)  # the side's checkerboard squares
+    kept = full * mine
+    cross = torch.tensor(_CROSS, dtype=half.dtype, device=half.device)
+    total = F.conv2d(kept, cross.expand(c, 1, 3, 3), padding=1, groups=c)
+    count = F.conv2d(mine[None, None], cross[None, None], padding=1)[0, 0].clamp(min=1.0)
+    return kept + (1 - mine) * total / count
 
 
-class PairFill(nn.Module):
-    """A DRS side model that takes a half-image and runs ``net`` on its pair-filled full grid."""
+class GridFill(nn.Module):
+    """A DRS side model that takes the side's half-image and runs ``net`` on ``grid_fill`` of it."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, side: int):
         super().__init__()
-        self.net = net
+        self.net, self.side = net, side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(pair_fill(x))
+        return self.net(grid_fill(x, self.side))
 
 
 @register_transform(KIND)
-def apply_pair_fill(model: nn.Module, params: dict) -> nn.Module:
-    return PairFill(model)
+def apply_grid_fill(model: nn.Module, params: dict) -> nn.Module:
+    return GridFill(model, SIDES.index(params["side"]))

@@ -20,7 +20,7 @@ from deploypipe.progress import log
 from deploypipe.stage import StageContext, StageResult, register
 
 from .loop import make_optimizer, make_scheduler, train_epoch
-from .side_input import KIND as PAIR_FILL, TRANSFORM_MODULE as SIDE_INPUT_MODULE, PairFill
+from .side_input import KIND as GRID_FILL, TRANSFORM_MODULE as SIDE_INPUT_MODULE, GridFill
 
 
 class TrainConfig(Schema):
@@ -38,7 +38,7 @@ class TrainConfig(Schema):
     consistency_copies: int = Field(2, ge=2, description="noisy copies per image for the consistency regulariser")
     consistency_entropy: float = Field(0.5, ge=0, description="weight of the entropy term of the consistency regulariser")
     drs_side: Optional[Literal["left", "right", "both"]] = Field(None, description="train a dual-randomized-smoothing base classifier on this half of the diagonal split, or (both) one model for both halves (the model then takes C x H x W/2 images)")
-    drs_input: Literal["half", "full"] = Field("half", description="with drs_side, what the network sees: half = the packed C x H x W/2 sub-image; full = each kept pixel filling its horizontal pixel pair, the original C x H x W geometry (twice the compute; a model trained on full images keeps its features)")
+    drs_input: Literal["half", "full"] = Field("half", description="with drs_side left or right, what the network sees: half = the packed C x H x W/2 sub-image; full = the side's pixels in their places of the C x H x W grid, each other pixel the mean of its 4 neighbours (twice the compute; a model trained on full images keeps its features)")
     augment: bool = Field(True, description="use the data's standard augmentation (crop, flip)")
     max_grad_norm: Optional[float] = Field(None, gt=0, description="clip the gradient norm")
     eval_every: int = Field(1, ge=0, description="evaluate on the test split every N epochs (0 = only at the end)")
@@ -49,8 +49,8 @@ class TrainConfig(Schema):
     def _combinations(self) -> "TrainConfig":  # checked before a work directory is made
         if self.consistency > 0 and self.noise_sigma <= 0:
             raise ValueError("consistency needs Gaussian noise: set noise_sigma > 0 (e.g. --noise-sigma 0.25) or drop consistency")
-        if self.drs_input == "full" and self.drs_side is None:
-            raise ValueError("drs_input full is for DRS side models: add drs_side (--drs-side left|right|both) or drop drs_input")
+        if self.drs_input == "full" and self.drs_side not in ("left", "right"):
+            raise ValueError("drs_input full fills one side's grid: set drs_side left or right (one model per side) or drop drs_input")
         return self
 
 
@@ -114,9 +114,12 @@ def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
     if side is not None and data.input_shape[-1] % 2:
         raise InputError(f"drs_side needs an even image width, the data has {data.input_shape[-1]}",
                          "resize the images (--image-size) or drop --drs-side")
-    fill = cfg.drs_input == "full" and not isinstance(model, PairFill)  # a full-input side model stays one
+    if isinstance(model, GridFill) and model.side != side:  # a full-grid side model stays one, of its side
+        raise InputError(f"the model fills the {('left', 'right')[model.side]} side's grid, but drs_side is {cfg.drs_side}",
+                         f"train it with --drs-side {('left', 'right')[model.side]}, or start the {cfg.drs_side} side from a full-image model")
+    fill = cfg.drs_input == "full" and not isinstance(model, GridFill)
     if fill:
-        model = PairFill(model)  # before the optimizer, the scored sides and a resumed checkpoint
+        model = GridFill(model, side)  # before the optimizer, the scored sides and a resumed checkpoint
     # what the test split scores: the model, or its side(s) of each split test image
     scored = {"": model} if side is None else {
         k: _Side(model, i) for i, k in enumerate(("left", "right")) if side in (i, 2)}
@@ -172,5 +175,5 @@ def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
         half = list(half_image_shape(tuple(data.input_shape)))
         record = dataclasses.replace(ctx.record, input_shape=half)
         if fill:
-            record = record.with_transform(PAIR_FILL, SIDE_INPUT_MODULE, {})
+            record = record.with_transform(GRID_FILL, SIDE_INPUT_MODULE, {"side": cfg.drs_side})
     return StageResult(model=model, record=record, metrics=metrics)

@@ -154,22 +154,28 @@ def test_a_model_shared_by_both_drs_sides_sees_each_image_as_two_labelled_halves
         assert stats["train_top1"] == pytest.approx((logits.argmax(1) == torch.cat([labels, labels])).float().mean().item())
 
 
-def test_pair_fill_puts_each_half_pixel_back_over_its_own_pixel_pair():
-    """For both sides of the split: the filled image holds each kept pixel at its own place (by the
-    index rule of the 2x2 diagonal pattern, written out here) and at its pair neighbour's."""
-    from deploypipe.stages.train.side_input import PairFill, pair_fill
+def test_grid_fill_puts_the_half_back_in_place_and_fills_the_rest_with_neighbour_means():
+    """For both sides, against loops over the 2x2 diagonal pattern's index rule: a pixel of the side
+    (left: i + j even) is itself, any other pixel the mean of its in-image up/down/left/right
+    neighbours (all of which are the side's); in float64, so the comparison is exact up to rounding."""
+    from deploypipe.stages.train.side_input import GridFill, grid_fill
 
-    x = torch.randn(2, 3, 6, 8)
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64)
     for side, half in enumerate(diagonal_split(x)):
-        full = pair_fill(half)
+        full = grid_fill(half, side)
         assert full.shape == x.shape
         for i in range(6):
             for j in range(8):
-                kept = j if (i + j) % 2 == side else j ^ 1  # this pixel, or the other one of its pair
-                assert torch.equal(full[..., i, j], x[..., i, kept])
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 8, 4))
-    half = diagonal_split(x)[0]
-    assert torch.equal(PairFill(net)(half), net(pair_fill(half)))
+                if (i + j) % 2 == side:
+                    want = x[..., i, j]
+                else:
+                    nbrs = [(a, b) for a, b in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1)) if 0 <= a < 6 and 0 <= b < 8]
+                    assert all((a + b) % 2 == side for a, b in nbrs)
+                    want = sum(x[..., a, b] for a, b in nbrs) / len(nbrs)
+                assert torch.allclose(full[..., i, j], want, rtol=0, atol=1e-12)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 8, 4).double())
+    right = diagonal_split(x)[1]
+    assert torch.equal(GridFill(net, 1)(right), net(grid_fill(right, 1)))
 
 
 def test_consistency_loss_against_the_formula_by_hand():
@@ -196,7 +202,7 @@ def test_consistency_loss_against_the_formula_by_hand():
 
 @pytest.mark.usefixtures("cli_store")
 def test_drs_sides_train_on_half_images_and_certify_together(tmp_path):
-    """Two side models (left with the consistency regulariser, right seeing its half pair-filled to
+    """Two side models (left with the consistency regulariser, right seeing its half filled back into
     the full grid) on the diagonal halves of the digits, then DRS certification with both; the side
     models record their half-width input."""
     import csv
@@ -214,8 +220,9 @@ def test_drs_sides_train_on_half_images_and_certify_together(tmp_path):
         assert 0.3 < out["metrics"]["test_top1_noisy"] <= 1.0  # and under one draw of the noise
         models[side] = out["model"]
         record = json.load(open(tmp_path / models[side] / "model.json"))
-        assert record["input_shape"] == [1, 8, 4]  # both take half-images; the right one pair-fills them
-        assert [t["kind"] for t in record["transforms"]] == ([] if side == "left" else ["drs_pair_fill"])
+        assert record["input_shape"] == [1, 8, 4]  # both take half-images; the right one fills the grid
+        assert record["transforms"] == ([] if side == "left" else [
+            {"kind": "drs_grid_fill", "module": "deploypipe.stages.train.side_input", "params": {"side": "right"}}])
     res = run_cli("certify", "--model", models["left"], "--model-right", models["right"], "--method", "drs",
                   "--sigma", "0.18", "--n0", "20", "--n", "300", "--alpha", "0.01", "--num-images", "10",
                   "--out", "drs", "--json", cwd=tmp_path)
@@ -225,5 +232,6 @@ def test_drs_sides_train_on_half_images_and_certify_together(tmp_path):
     assert len(rows) == 10 and m["certified_acc_r0"] >= 0.5
     code, _, err = run_main("train", "--model", "zoo:digits_cnn", "--consistency", "5", "--out", "bad", cwd=tmp_path)
     assert code == 2 and "noise_sigma" in err and not (tmp_path / "bad").exists()
-    code, _, err = run_main("train", "--model", "zoo:digits_cnn", "--drs-input", "full", "--out", "bad", cwd=tmp_path)
-    assert code == 2 and "drs_side" in err and not (tmp_path / "bad").exists()
+    for side in ([], ["--drs-side", "both"]):  # the fill is one side's
+        code, _, err = run_main("train", "--model", "zoo:digits_cnn", *side, "--drs-input", "full", "--out", "bad", cwd=tmp_path)
+        assert code == 2 and "drs_side left or right" in err and not (tmp_path / "bad").exists()
