@@ -27,22 +27,26 @@ from deploypipe.models import register_transform
 TRANSFORM_MODULE = __name__
 KIND = "drs_grid_fill"
 SIDES = ("left", "right")
-_CROSS = ((0.0, 1.0, 0.0), (1.0, 0.0, 1.0), (0.0, 1.0, 0.0))
+
+
+def _neighbour_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of each pixel's up/down/left/right neighbours inside the image (slices of a zero-padded
+    copy: exports to ONNX as plain slices and adds)."""
+    p = F.pad(t, (1, 1, 1, 1))
+    return p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]
 
 
 def grid_fill(half: torch.Tensor, side: int) -> torch.Tensor:
     """(N, C, H, W/2) half-image of ``side`` (0 left, 1 right) -> (N, C, H, W): its pixels at their
     places, every other pixel the mean of its in-image 4-neighbours."""
-    n, c, h, w2 = half.shape
+    h, w2 = half.shape[-2:]
     full = torch.stack((half, half), dim=-1).flatten(-2)  # column j at 2j and 2j+1
     rows = torch.arange(h, device=half.device)[:, None]
     cols = torch.arange(2 * w2, device=half.device)[None, :]
     mine = ((rows + cols) % 2 == side).to(half.dtype)  # the side's checkerboard squares
     kept = full * mine
-    cross = torch.tensor(_CROSS, dtype=half.dtype, device=half.device)
-    total = F.conv2d(kept, cross.expand(c, 1, 3, 3), padding=1, groups=c)
-    count = F.conv2d(mine[None, None], cross[None, None], padding=1)[0, 0].clamp(min=1.0)
-    return kept + (1 - mine) * total / count
+    count = _neighbour_sum(mine[None, None]).clamp(min=1.0)
+    return kept + (1 - mine) * _neighbour_sum(kept) / count
 
 
 class GridFill(nn.Module):

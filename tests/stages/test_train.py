@@ -225,7 +225,7 @@ def test_drs_sides_train_on_half_images_and_certify_together(tmp_path):
             {"kind": "drs_grid_fill", "module": "deploypipe.stages.train.side_input", "params": {"side": "right"}}])
     res = run_cli("certify", "--model", models["left"], "--model-right", models["right"], "--method", "drs",
                   "--sigma", "0.18", "--n0", "20", "--n", "300", "--alpha", "0.01", "--num-images", "10",
-                  "--out", "drs", "--json", cwd=tmp_path)
+                  "--runtime", "onnxruntime", "--out", "drs", "--json", cwd=tmp_path)  # both sides export
     assert res.returncode == 0, res.stderr[-2000:]
     m = last_json(res.stdout)["stages"][0]["metrics"]
     rows = list(csv.DictReader(open(tmp_path / "drs" / "certify" / "certify.csv")))
