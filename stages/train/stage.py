@@ -115,8 +115,9 @@ def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
         raise InputError(f"drs_side needs an even image width, the data has {data.input_shape[-1]}",
                          "resize the images (--image-size) or drop --drs-side")
     if isinstance(model, GridFill) and model.side != side:  # a full-grid side model stays one, of its side
-        raise InputError(f"the model fills the {('left', 'right')[model.side]} side's grid, but drs_side is {cfg.drs_side}",
-                         f"train it with --drs-side {('left', 'right')[model.side]}, or start the {cfg.drs_side} side from a full-image model")
+        own = ("left", "right")[model.side]
+        raise InputError(f"the model is a {own} DRS side model (it fills the {own} side's grid), but drs_side is "
+                         f"{cfg.drs_side or 'not set'}", f"train it with --drs-side {own}, or start from a full-image model")
     fill = cfg.drs_input == "full" and not isinstance(model, GridFill)
     if fill:
         model = GridFill(model, side)  # before the optimizer, the scored sides and a resumed checkpoint

@@ -232,6 +232,9 @@ def test_drs_sides_train_on_half_images_and_certify_together(tmp_path):
     assert len(rows) == 10 and m["certified_acc_r0"] >= 0.5
     code, _, err = run_main("train", "--model", "zoo:digits_cnn", "--consistency", "5", "--out", "bad", cwd=tmp_path)
     assert code == 2 and "noise_sigma" in err and not (tmp_path / "bad").exists()
+    code, _, err = run_main("train", "--model", models["right"], "--noise-sigma", "0.18", "--drs-side", "left",
+                            "--out", "wrong-side", cwd=tmp_path)  # a full-grid model stays on its side
+    assert code == 2 and "right DRS side model" in err and "--drs-side right" in err
     for side in ([], ["--drs-side", "both"]):  # the fill is one side's
         code, _, err = run_main("train", "--model", "zoo:digits_cnn", *side, "--drs-input", "full", "--out", "bad", cwd=tmp_path)
         assert code == 2 and "drs_side left or right" in err and not (tmp_path / "bad").exists()
