@@ -134,7 +134,7 @@ def main() -> None:
         lines.append("")
         for a, b in pairs:
             diff, se = paired_acr_difference(a["csv"], b["csv"])
-            verdict = "above" if b["acr"] > a["acr"] else "not above"
+            verdict = acr_verdict(diff, se)
             lines.append(f"{b['method']} sigma {b['sigma']:g} ACR {b['acr']:.3f} vs RS sigma {a['sigma']:g} ACR "
                          f"{a['acr']:.3f}: {verdict} (paired over the same images: {diff:+.3f} +- {se:.3f} standard error; "
                          f"with the DRS reference code's radius sigma*sqrt(a^2+b^2) the same votes give ACR >= "
@@ -144,6 +144,16 @@ def main() -> None:
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     plot(rows, out / "certified_accuracy.png")
+
+
+def acr_verdict(diff: float, se: float) -> str:
+    """Where DRS stands against RS, from the paired difference and its standard error."""
+    if diff == 0:
+        return "level: a tie"
+    side = "above" if diff > 0 else "below"
+    if abs(diff) < se:
+        return f"{side}, but within one standard error: a tie"
+    return f"{side} by {abs(diff) / se:.1f} standard errors" if se > 0 else side
 
 
 def paired_acr_difference(rs_csv: str, drs_csv: str) -> tuple[float, float]:

@@ -20,7 +20,7 @@ from deploypipe.progress import log
 from deploypipe.stage import StageContext, StageResult, register
 
 from .loop import make_optimizer, make_scheduler, train_epoch
-from .side_input import KIND as GRID_FILL, TRANSFORM_MODULE as SIDE_INPUT_MODULE, GridFill
+from .side_input import KIND as GRID_FILL, SIDES, TRANSFORM_MODULE as SIDE_INPUT_MODULE, GridFill
 
 
 class TrainConfig(Schema):
@@ -49,7 +49,7 @@ class TrainConfig(Schema):
     def _combinations(self) -> "TrainConfig":  # checked before a work directory is made
         if self.consistency > 0 and self.noise_sigma <= 0:
             raise ValueError("consistency needs Gaussian noise: set noise_sigma > 0 (e.g. --noise-sigma 0.25) or drop consistency")
-        if self.drs_input == "full" and self.drs_side not in ("left", "right"):
+        if self.drs_input == "full" and self.drs_side not in SIDES:
             raise ValueError("drs_input full fills one side's grid: set drs_side left or right (one model per side) or drop drs_input")
         return self
 
@@ -110,12 +110,12 @@ def model_input_shape(cfg: TrainConfig, shape: tuple[int, ...]) -> tuple[int, ..
           model_input_shape=model_input_shape)
 def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
     model, data = ctx.model, ctx.data
-    side = None if cfg.drs_side is None else ("left", "right", "both").index(cfg.drs_side)
+    side = None if cfg.drs_side is None else (*SIDES, "both").index(cfg.drs_side)
     if side is not None and data.input_shape[-1] % 2:
         raise InputError(f"drs_side needs an even image width, the data has {data.input_shape[-1]}",
                          "resize the images (--image-size) or drop --drs-side")
     if isinstance(model, GridFill) and model.side != side:  # a full-grid side model stays one, of its side
-        own = ("left", "right")[model.side]
+        own = SIDES[model.side]
         raise InputError(f"the model is a {own} DRS side model (it fills the {own} side's grid), but drs_side is "
                          f"{cfg.drs_side or 'not set'}", f"train it with --drs-side {own}, or start from a full-image model")
     fill = cfg.drs_input == "full" and not isinstance(model, GridFill)
@@ -123,7 +123,7 @@ def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
         model = GridFill(model, side)  # before the optimizer, the scored sides and a resumed checkpoint
     # what the test split scores: the model, or its side(s) of each split test image
     scored = {"": model} if side is None else {
-        k: _Side(model, i) for i, k in enumerate(("left", "right")) if side in (i, 2)}
+        k: _Side(model, i) for i, k in enumerate(SIDES) if side in (i, 2)}
     channels_last = cfg.channels_last and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     if channels_last:
         model.to(memory_format=torch.channels_last)
