@@ -29,7 +29,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from runner import run_deploypipe  # noqa: E402 (after the path insert)
+from paired_acr import paired_difference, read_radii, verdict  # noqa: E402 (after the path insert)
+from runner import run_deploypipe  # noqa: E402
 
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
 
@@ -133,10 +134,9 @@ def main() -> None:
     if pairs:
         lines.append("")
         for a, b in pairs:
-            diff, se = paired_acr_difference(a["csv"], b["csv"])
-            verdict = acr_verdict(diff, se)
+            diff, se, _ = paired_difference(read_radii(a["csv"]), read_radii(b["csv"]))
             lines.append(f"{b['method']} sigma {b['sigma']:g} ACR {b['acr']:.3f} vs RS sigma {a['sigma']:g} ACR "
-                         f"{a['acr']:.3f}: {verdict} (paired over the same images: {diff:+.3f} +- {se:.3f} standard error; "
+                         f"{a['acr']:.3f}: {verdict(diff, se)} (paired over the same images: {diff:+.3f} +- {se:.3f} standard error; "
                          f"with the DRS reference code's radius sigma*sqrt(a^2+b^2) the same votes give ACR >= "
                          f"{reference_formula_acr(b['csv'], b['sigma']):.3f})")
     text = "\n".join(lines)
@@ -144,30 +144,6 @@ def main() -> None:
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     plot(rows, out / "certified_accuracy.png")
-
-
-def acr_verdict(diff: float, se: float) -> str:
-    """Where DRS stands against RS, from the paired difference and its standard error."""
-    if diff == 0:
-        return "level: a tie"
-    side = "above" if diff > 0 else "below"
-    if abs(diff) < se:
-        return f"{side}, but within one standard error: a tie"
-    return f"{side} by {abs(diff) / se:.1f} standard errors" if se > 0 else side
-
-
-def paired_acr_difference(rs_csv: str, drs_csv: str) -> tuple[float, float]:
-    """Mean and standard error over the same test images of the certified radius (0 when wrong or
-    abstaining) of the second table minus the first: ACR(DRS) - ACR(RS), paired."""
-    def radii(path: str) -> dict[int, float]:
-        with open(path, newline="") as fh:
-            return {int(r["index"]): float(r["radius"]) * int(r["correct"]) for r in csv.DictReader(fh)}
-
-    a, b = radii(rs_csv), radii(drs_csv)
-    d = [b[i] - a[i] for i in sorted(a.keys() & b.keys())]
-    mean = sum(d) / len(d)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1))
-    return mean, sd / math.sqrt(len(d))
 
 
 def reference_formula_acr(drs_csv: str, sigma: float) -> float:
