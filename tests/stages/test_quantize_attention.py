@@ -23,10 +23,10 @@ from deploypipe.stages.quantize.tensor_ops import tensor_quantizers
 
 def fused_int8_matmuls_are_exact() -> bool:
     """Whether ONNX Runtime's fused integer kernels can be held to the file's arithmetic on this CPU.
-    On x86 with AVX2 but neither AVX-VNNI nor AVX512-VNNI, ORT's u8 x s8 kernels sum pairs of
-    products in int16 with saturation (its documented caveat for such CPUs), so an 8-bit x 8-bit
-    attention MatMul can clip there: the fused-kernel agreement then measures the CPU, not the
-    export (seen on an AMD EPYC with AVX2 only: 0.67, with the file's arithmetic at 1.0)."""
+    On x86 with AVX2 but neither AVX-VNNI nor AVX512-VNNI they can be far off (int16 saturation of
+    u8 x s8 pair sums, ORT's documented caveat): on an AMD EPYC with AVX2 only, a fused
+    MatMulIntegerToFloat with an 8-bit constant weight was off by ~1e6 at extreme codes
+    (bench/ort_int8_matmul_check.py) and this test's fused agreement was 0.67, the exact one 1.0."""
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
