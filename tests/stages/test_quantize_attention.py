@@ -83,10 +83,9 @@ def test_nn_transformer_encoder_quantizes_end_to_end(workdir):
     assert len([n for n, q in tensor_quantizers(model) if ".attention." in n and q.enabled and q.bits == 8]) == 2 * 4
     assert top1_and_loss(model, pipe.data.test)[1] == pytest.approx(m["test_loss"], rel=1e-5)
     assert m["onnx_exact_top1_agreement"] >= 0.99  # the file's own arithmetic: on every host
-    if fused_int8_matmuls_are_exact():
+    assert "onnx_top1_agreement" in m  # ORT's fused kernels: reported on every host
+    if fused_int8_matmuls_are_exact():  # ... and held to the file's arithmetic where they can be
         assert m["onnx_top1_agreement"] >= 0.99
-    else:  # reported, but ORT's kernels on this CPU do not compute what the file says
-        assert 0.0 <= m["onnx_top1_agreement"] <= 1.0
     graph = onnx.load(str(workdir / "te" / "quantize" / "model.onnx")).graph
     producers = {o: n for n in graph.node for o in n.output}
     weights = {i.name for i in graph.initializer}
