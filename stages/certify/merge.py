@@ -58,13 +58,21 @@ def _read_shard(folder: Path) -> tuple[dict, list[dict], dict, list[dict] | None
     except yaml.YAMLError as err:
         raise InputError(f"'{config}' is not valid YAML ({str(err).splitlines()[0]})",
                          "give the folders certify wrote, unedited") from None
-    cfg = cfg.get("certify", cfg) if isinstance(cfg, dict) else {}
+    cfg = cfg.get("certify", cfg) if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict):
+        raise InputError(f"'{config}' holds no certify settings", "give the folders certify wrote, unedited")
     try:  # a torchrun rank's shard is in its result, not in its config
         metrics = json.loads((folder / "result.json").read_text()).get("metrics", {})
     except (OSError, ValueError):
         metrics = {}
     if not cfg.get("shard") and "shard_count" in metrics:
         cfg["shard"] = f"{int(metrics['shard_index'])}/{int(metrics['shard_count'])}"
+    try:  # each shard's settings are a certify config (a valid shard i/k, radii, ...)
+        CertifyConfig.model_validate({**_settings(cfg), "shard": cfg.get("shard")})
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise InputError(f"'{config}' is not a certify config ({'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']})",
+                         "give the folders certify wrote, unedited") from None
     try:  # which seed, data and classifiers the shard certified (absent in outputs of older versions)
         provenance = json.loads((folder / "provenance.json").read_text())
     except (OSError, ValueError):

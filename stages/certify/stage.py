@@ -55,7 +55,8 @@ class CertifyConfig(Schema):
     forward_batch: Optional[int] = Field(None, ge=1, description=f"the model sees each step's copies in chunks of this many (the noise does not depend on it); null = {CPU_FORWARD_BATCH} on the CPU, whose caches favour small batches, the whole step on a GPU")
     model_right: Optional[str] = Field(None, description="DRS: the right-side base classifier (a saved model/ folder); default: the pipeline's model for both sides")
     reference: Optional[str] = Field(None, description="a saved model/ folder certified on the same images for comparison (e.g. the FP32 model before quantization)")
-    radii: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0, 1.5], description="radii at which certified accuracy is reported")
+    radii: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0, 1.5], min_length=1,
+                               description="radii at which certified accuracy is reported (at least one, each >= 0)")
     channels_last: bool = Field(True, description="channels_last memory format for the base classifier")
     autocast: bool = Field(False, description="run the base classifier under autocast (float16 on CUDA, bfloat16 on CPU); noise and x + noise stay float32")
     onnx: Optional[str] = Field(None, description="certify this ONNX file (e.g. quantize's model.onnx) in ONNX Runtime instead of the pipeline's PyTorch model (rs)")
@@ -72,6 +73,13 @@ class CertifyConfig(Schema):
             raise ValueError(f"shard must be i/k, e.g. 0/4, got {value!r}") from None
         if not 0 <= i < k:
             raise ValueError(f"shard i/k needs 0 <= i < k, got {value!r}")
+        return value
+
+    @field_validator("radii")
+    @classmethod
+    def _radii(cls, value):
+        if any(r < 0 for r in value):
+            raise ValueError(f"radii must be >= 0, got {value}")
         return value
 
     @model_validator(mode="before")
@@ -183,7 +191,7 @@ def _run(models, ctx: StageContext, cfg: CertifyConfig, indices: list[int], labe
                     certs = certify_drs_images(models[0], models[1], xs, cfg.sigma, cfg.n0, cfg.n, cfg.alpha,
                                                num_classes, batch, gens, forward)
                 break
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on
                 torch.cuda.empty_cache()
                 chunk = min(forward or batch, batch)
                 if chunk > MIN_FORWARD_CHUNK:  # the activations are most of the memory; the noise stays the same
@@ -353,7 +361,12 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
             raise InputError(f"certify onnx file '{cfg.onnx}' does not exist",
                              "give the path of an ONNX classifier (e.g. <out>/quantize/model.onnx)")
         device = torch.device("cpu")  # ONNX Runtime's CPU provider: noise and votes on the CPU
-        model = OnnxClassifier(cfg.onnx, torch.get_num_threads())
+        try:
+            model = OnnxClassifier(cfg.onnx, torch.get_num_threads())
+        except Exception as err:  # ONNX Runtime's own (pybind) errors: not a protobuf, unknown op, ...
+            raise InputError(f"certify onnx file '{cfg.onnx}' cannot be loaded by ONNX Runtime "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:120]})",
+                             "give an ONNX classifier (e.g. <out>/quantize/model.onnx), not another file") from None
         log(f"[{ctx.stage_id}] certifying the ONNX file {cfg.onnx} in ONNX Runtime")
     probe = _probe(ctx, cfg)
     if cfg.method == "drs":
@@ -368,7 +381,7 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
                 try:
                     dev = next(iter(m.parameters()), torch.zeros(0)).device
                     m.eval()(torch.zeros(1, *half, device=dev))  # fails early if a side model expects full images
-                except RuntimeError as err:
+                except Exception as err:  # shape errors are RuntimeErrors, but a user's model may raise anything
                     raise InputError(f"a DRS side model does not take {half} half-images ({str(err).splitlines()[0][:100]})",
                                      "give models trained with --drs-side left/right") from None
         model = _classifier(ctx.model, ctx, cfg, device, half, left_probe if cfg.model_right else probe_halves(probe),
@@ -391,6 +404,12 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
                   "model": weights_hash(models[0]) if cfg.onnx else weights_hash(ctx.model),
                   "model_right": weights_hash(sides[1]) if cfg.method == "drs" and cfg.model_right else None,
                   "reference": None}
+    ref = None
+    if cfg.reference:  # loaded and checked before hours of certifying the model, not after
+        ref_model = _load(cfg.reference, "reference")
+        ref_hash = weights_hash(ref_model)
+        ref = _classifier(ref_model, ctx, cfg, ctx.device, tuple(ctx.data.input_shape), probe, "reference")
+        check_outputs(ref, probe[:2].to(ctx.device), num_classes, "reference")
     log(f"[{ctx.stage_id}] {cfg.method.upper()} on {len(indices)} test images, sigma {cfg.sigma}, n0 {cfg.n0}, "
         f"n {cfg.n}, alpha {cfg.alpha}{f', shard {shard}' if shard else ''}")
     rows, seconds = _run(models, ctx, cfg, indices, "model", device, {**provenance, "indices": indices})
@@ -405,11 +424,8 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
     if isinstance(models[0], _Autocast):
         metrics["autocast_top1_agreement"] = min(m.agreement for m in models)
     curves = {"this model": rows}
-    if cfg.reference:
-        ref_model = _load(cfg.reference, "reference")
-        provenance["reference"] = weights_hash(ref_model)
-        ref = _classifier(ref_model, ctx, cfg, ctx.device, tuple(ctx.data.input_shape), probe, "reference")
-        check_outputs(ref, probe[:2].to(ctx.device), num_classes, "reference")
+    if ref is not None:
+        provenance["reference"] = ref_hash
         ref_rows, _ = _run((ref,), ctx, cfg, indices, "reference", ctx.device,
                            {**provenance, "indices": indices})
         ctx.save_table("certify_reference", ref_rows)

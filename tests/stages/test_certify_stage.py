@@ -166,9 +166,25 @@ def test_options_are_checked():
         validate(CertifyConfig, {"shard": "3/3"}, "certify")
     with pytest.raises(InputError, match="give num_images or every, not both"):
         validate(CertifyConfig, {"num_images": 100, "every": 20}, "certify")
+    with pytest.raises(InputError, match="at least 1 item"):  # else it fails at the plot, after all the work
+        validate(CertifyConfig, {"radii": []}, "certify")
+    with pytest.raises(InputError, match="radii must be >= 0"):
+        validate(CertifyConfig, {"radii": [0.5, -0.25]}, "certify")
     cfg = validate(CertifyConfig, {"every": 20}, "certify")  # the saved config names the images certified
     assert (cfg.num_images, cfg.every) == (None, 20)
     assert validate(CertifyConfig, cfg.model_dump(), "certify") == cfg
+
+
+@pytest.mark.usefixtures("cli_store")
+def test_bad_onnx_and_reference_inputs_are_refused_before_any_certificate(tmp_path):
+    (tmp_path / "notes.onnx").write_text("not a protobuf")
+    common = ["certify", "--model", "zoo:digits_cnn", "--n0", "10", "--n", "100", "--num-images", "3"]
+    code, _, err = run_main(*common, "--onnx", "notes.onnx", "--out", "o1", cwd=tmp_path)
+    assert code == 2 and "cannot be loaded by ONNX Runtime" in err and "Traceback" not in err, err[-2000:]
+    (tmp_path / "empty").mkdir()  # the reference is checked before the model's certification, not hours after
+    code, _, err = run_main(*common, "--reference", "empty", "--out", "o2", cwd=tmp_path)
+    assert code == 2 and "certify reference 'empty' is not a saved model folder" in err, err[-2000:]
+    assert not list((tmp_path / "o2").rglob("*.jsonl")) and not list((tmp_path / "o2").rglob("certify.csv"))
 
 
 def test_autocast_wrapper_keeps_float32_at_the_boundary():
@@ -305,4 +321,11 @@ def test_merge_compares_shards_without_the_forward_chunk_and_reads_old_configs(t
     (tmp_path / "s1" / "config.yaml").write_text(yaml.safe_dump({"certify": {
         **yaml.safe_load((tmp_path / "s0" / "config.yaml").read_text())["certify"], "shard": "1/2", "n": 200}}))
     with pytest.raises(InputError, match=r"different settings \(n\)"):
+        merge_shards([tmp_path / "s0", tmp_path / "s1"])
+    (tmp_path / "s1" / "config.yaml").write_text("certify: null\n")  # edited by hand: a one-line refusal, not a crash
+    with pytest.raises(InputError, match="holds no certify settings"):
+        merge_shards([tmp_path / "s0", tmp_path / "s1"])
+    (tmp_path / "s1" / "config.yaml").write_text(yaml.safe_dump({"certify": {
+        **yaml.safe_load((tmp_path / "s0" / "config.yaml").read_text())["certify"], "shard": "second"}}))
+    with pytest.raises(InputError, match="is not a certify config \\(shard: .*shard must be i/k"):
         merge_shards([tmp_path / "s0", tmp_path / "s1"])
