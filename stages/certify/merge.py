@@ -109,8 +109,12 @@ def merge_shards(folders: list[Path]) -> tuple[CertifyConfig, list[dict], list[d
         raise InputError(f"the shards certified different {', '.join(diff)} (provenance.json)",
                          "merge only shards of one certify command: same seed, data and models")
     common = [_settings(c) for c in configs]
-    if any(c != common[0] for c in common[1:]):
-        diff = sorted({k for c in common[1:] for k in c if c.get(k) != common[0].get(k)})
+    # with every shard's provenance, its weight hashes say which files were certified: the same ONNX file
+    # or model folder at another path (a job array's node, a copied checkout) is the same shard source
+    paths = ("onnx", "reference", "model_right") if known and len(known) == len(provenances) else ()
+    compared = [{k: v for k, v in c.items() if k not in paths} for c in common]
+    if any(c != compared[0] for c in compared[1:]):
+        diff = sorted({k for c in compared[1:] for k in c if c.get(k) != compared[0].get(k)})
         raise InputError(f"the shards were certified with different settings ({', '.join(diff)})",
                          "merge only shards of one certify command (same sigma, n, alpha, images, model)")
     shards = [c.get("shard") for c in configs]

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import io
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -32,15 +33,41 @@ class OnnxClassifier:
         if isinstance(source, bytes):
             self.digest = hashlib.sha256(source).hexdigest()  # which classifier was certified
         else:  # a path: ONNX Runtime reads it (and any external-data files beside it) itself
-            from deploypipe.models import content_hash
-
-            self.digest = content_hash(source)
+            self.digest = onnx_file_digest(source)
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().cpu().float().contiguous()
         return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0]).to(x.device)
+
+
+def onnx_file_digest(path) -> str:
+    """sha256 over an ONNX file and the external-data files its tensors name (names and bytes): which
+    weights were certified, also when they live beside the graph (models over 2 GB, or saved so)."""
+    import onnx
+
+    from deploypipe.models import content_hash
+
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from tensors(g)
+
+    path = Path(path)
+    h = hashlib.sha256(content_hash(path).encode())
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = sorted({e.value for t in tensors(graph) for e in t.external_data if e.key == "location"})
+    for name in names:
+        h.update(b"\0" + name.encode() + b"\0")
+        if (path.parent / name).is_file():  # missing: ONNX Runtime refuses the file
+            h.update(content_hash(path.parent / name).encode())
+    return h.hexdigest()
 
 
 def to_onnxruntime(model: torch.nn.Module, input_shape: tuple[int, ...], probe: torch.Tensor,

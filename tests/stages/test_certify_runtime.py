@@ -70,3 +70,26 @@ def test_certify_in_either_runtime_gives_the_same_certificates(tmp_path):
     assert sum(a["prediction"] == b["prediction"] for a, b in zip(runs["torch"], bf16)) >= 5
     code, _, err = run_main(*common, "--runtime", "onnxruntime", "--autocast", "--out", "bad", cwd=tmp_path)
     assert code == 2 and "autocast is PyTorch's" in err and not (tmp_path / "bad" / "certify").exists()
+
+
+def test_an_onnx_files_digest_covers_its_external_weights(tmp_path):
+    import onnx
+
+    from deploypipe.stages.certify.runtime import OnnxClassifier, onnx_file_digest
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    torch.onnx.export(model, (torch.rand(2, 1, 8, 8),), tmp_path / "tmp.onnx", opset_version=17, dynamo=False,
+                      input_names=["images"], output_names=["logits"], dynamic_axes={"images": {0: "batch"}})
+    proto = onnx.load(str(tmp_path / "tmp.onnx"))
+    onnx.save_model(proto, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.weights", size_threshold=0)
+    x = _probe()
+    want = OnnxClassifier(str(tmp_path / "m.onnx"))(x)
+    torch.testing.assert_close(want, model(x), atol=1e-5, rtol=1e-5)
+    before = onnx_file_digest(tmp_path / "m.onnx")
+    assert OnnxClassifier(str(tmp_path / "m.onnx")).digest == before == onnx_file_digest(tmp_path / "m.onnx")
+    weights = bytearray((tmp_path / "m.weights").read_bytes())  # other weights, the same graph file
+    weights[:4] = bytes(4)
+    (tmp_path / "m.weights").write_bytes(bytes(weights))
+    assert not torch.equal(OnnxClassifier(str(tmp_path / "m.onnx"))(x), want)
+    assert onnx_file_digest(tmp_path / "m.onnx") != before

@@ -322,6 +322,17 @@ def test_merge_compares_shards_without_the_forward_chunk_and_reads_old_configs(t
         **yaml.safe_load((tmp_path / "s0" / "config.yaml").read_text())["certify"], "shard": "1/2", "n": 200}}))
     with pytest.raises(InputError, match=r"different settings \(n\)"):
         merge_shards([tmp_path / "s0", tmp_path / "s1"])
+    for i, where in enumerate(("/node0/ref", "/node1/ref")):  # one reference model, copied to each node
+        cfg = yaml.safe_load((tmp_path / f"s{i}" / "config.yaml").read_text())["certify"]
+        (tmp_path / f"s{i}" / "config.yaml").write_text(yaml.safe_dump({"certify": {**cfg, "n": 100, "reference": where}}))
+    assert merge_shards([tmp_path / "s0", tmp_path / "s1"])[0].reference == "/node0/ref"  # provenance: same weights
+    (tmp_path / "s1" / "provenance.json").write_text(json.dumps({**prov, "reference": "other"}))
+    with pytest.raises(InputError, match="different reference"):
+        merge_shards([tmp_path / "s0", tmp_path / "s1"])
+    for i in (0, 1):  # shards of an older version, without provenance: the paths are compared as given
+        (tmp_path / f"s{i}" / "provenance.json").unlink()
+    with pytest.raises(InputError, match=r"different settings \(reference\)"):
+        merge_shards([tmp_path / "s0", tmp_path / "s1"])
     (tmp_path / "s1" / "config.yaml").write_text("certify: null\n")  # edited by hand: a one-line refusal, not a crash
     with pytest.raises(InputError, match="holds no certify settings"):
         merge_shards([tmp_path / "s0", tmp_path / "s1"])
