@@ -28,6 +28,26 @@ def test_digits_splits_are_deterministic_disjoint_and_stratified():
     assert counts.min() / counts.max() > 0.9  # stratified hold-out
 
 
+
+def test_embedded_digits_are_scikit_learns_and_load_without_importing_it():
+    # the bundled table is read directly (no ~1.5 s scikit-learn import per CLI start); the result must
+    # be exactly what scikit-learn's own loader gives, and the loader must really skip the import
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from deploypipe.data import _digits
+
+    images, labels, classes = _digits()
+    ref = load_digits()
+    assert torch.equal(images, torch.from_numpy(ref.images.astype(np.float32) / 16.0).unsqueeze(1))
+    assert torch.equal(labels, torch.from_numpy(ref.target.astype(np.int64)))
+    assert classes == [str(c) for c in ref.target_names]
+    probe = subprocess.run([sys.executable, "-c", "import sys; from deploypipe.data import _digits; _digits(); "
+                            "print('sklearn' in sys.modules)"], capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0 and probe.stdout.strip() == "False", probe.stderr[-2000:]
+
 def make_folder(root, sizes=(("train", 6), ("test", 3)), classes=("cat", "dog"), size=8):
     rng = np.random.default_rng(0)
     for split, n in sizes:
