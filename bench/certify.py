@@ -10,7 +10,7 @@ network sees its pixels back in the full grid (the others filled from their neig
 the compute; ``--dense zoo:resnet20``: every base classifier trained from scratch), then certifies
 each on the same test images (every 20th: 500) with n0 = 100, n = 10,000, alpha = 0.001. Every
 step is one ``python -m deploypipe train|certify ... --json`` subprocess, exactly as a user runs it
-(wall time and peak RSS read with wait4); finished steps are read back when the script is rerun.
+(wall time and peak RSS read with wait4); steps finished with the same settings are read back when the script is rerun (deploypipe skips them by their stage key; a rerun with, say, --every 50 after --every 100 certifies again).
 The table (certified accuracy at radii 0 .. 1.5, ACR, top-1 of the base classifiers on the clean
 test images and, where the train stage reported it, under one draw of their noise; seconds per
 image) goes to stdout and to ``--out``/results.md and results.json, the curves of all rows to ``--out``/certified_accuracy.png.
