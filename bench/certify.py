@@ -61,6 +61,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/bench-certify")
     ap.add_argument("--only-train", action="store_true", help="train the base classifiers, certify nothing (yet)")
+    ap.add_argument("--grow", action="store_true",
+                    help="certify --reuse each row's earlier output in --out (e.g. --every 20 after --every 50): the "
+                         "certificates of the images both select are read back, only the new images are certified")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +109,10 @@ def main() -> None:
             cmd = ["--model", left, "--model-right", right, "--method", "drs"]
         if args.only_train:
             continue
-        m = run_deploypipe("certify", f"certify-{tag}", [*cmd, "--sigma", str(sigma), *certify_opts], out, args.threads)
+        earlier = out / f"certify-{tag}" / "certify"  # read at the start; replaced only when the new run finishes
+        grow = ["--reuse", str(earlier)] if args.grow and (earlier / "provenance.json").is_file() else []
+        m = run_deploypipe("certify", f"certify-{tag}", [*cmd, "--sigma", str(sigma), *certify_opts, *grow], out,
+                           args.threads)
         label = ", ".join(([kind] if kind == "shared" else []) + (["full grid"] if tag.endswith("-full") else []))
         rows.append({"method": method.upper() + (f" ({label})" if label else ""),
                      "sigma": sigma, "clean_top1": clean[0], "noisy_top1": clean[1], "acr": m["acr"],

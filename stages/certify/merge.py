@@ -82,10 +82,10 @@ def _read_shard(folder: Path) -> tuple[dict, list[dict], dict, list[dict] | None
 
 
 def _settings(config: dict) -> dict:
-    """A shard's settings as compared across shards: without the shard itself and the forward chunk
-    (which does not change the noise), and with num_images null beside every (configs saved before
-    the two became exclusive held both)."""
-    out = {k: v for k, v in config.items() if k not in ("shard", "forward_batch")}
+    """A shard's settings as compared across shards: without the shard itself, the forward chunk
+    (which does not change the noise) and the earlier output a shard reused certificates from, and
+    with num_images null beside every (configs saved before the two became exclusive held both)."""
+    out = {k: v for k, v in config.items() if k not in ("shard", "forward_batch", "reuse")}
     if out.get("every") is not None:
         out["num_images"] = None
     return out

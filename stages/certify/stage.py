@@ -8,6 +8,10 @@ of an image depends only on (seed, image index), so shards merge into exactly th
 With ``reference`` (e.g. the FP32 model a quantize stage started from) the same images are
 certified for it too, and the plot and metrics put the two side by side (robustness lost to
 compression). With ``onnx`` the exported file itself is certified in ONNX Runtime — what ships.
+With ``reuse`` an earlier output's certificates are read back for the images both runs select, when
+its provenance (seed, data, weight hashes) and settings match — all but the image choice, the radii
+and the forward chunk — so a certification grows from 100 images to 500 at the cost of the 400 new
+ones, with the table a fresh run would give.
 
 Outputs: ``certify.csv`` (index, label, prediction, radius, correct, seconds, p_lower, count[, p_lower_right,
 count_right]; count = votes for the candidate among the n estimation copies, so anyone can recompute
@@ -61,6 +65,7 @@ class CertifyConfig(Schema):
     autocast: bool = Field(False, description="run the base classifier under autocast (float16 on CUDA, bfloat16 on CPU); noise and x + noise stay float32")
     onnx: Optional[str] = Field(None, description="certify this ONNX file (e.g. quantize's model.onnx) in ONNX Runtime instead of the pipeline's PyTorch model (rs)")
     runtime: Literal["auto", "torch", "onnxruntime"] = Field("auto", description="where the base classifier runs: auto = ONNX Runtime on the CPU when the exported model agrees with PyTorch on noisy probes (1.3-2.5x faster there), else PyTorch")
+    reuse: Optional[str] = Field(None, description="an earlier certify output folder (<out>/certify) of the same classifiers, seed, data and settings: its certificates of images this run selects are read back instead of recomputed (e.g. to grow 100 images to 500)")
 
     @field_validator("shard")
     @classmethod
@@ -153,8 +158,39 @@ def _resume(path: Path, identity: dict, indices: list[int]) -> list[dict]:
         return []
 
 
+# settings that do not change an image's certificate: which images, the reported radii, the forward
+# chunk (same noise), the comparison model and the paths whose weights provenance.json hashes
+REUSE_FREE = ("every", "num_images", "shard", "radii", "forward_batch", "reference", "reuse", "onnx", "model_right")
+
+
+def reused_certificates(cfg: CertifyConfig, provenance: dict, ref_hash: Optional[str]) -> tuple[list[dict], Optional[list[dict]]]:
+    """The rows (and reference rows) of the earlier output ``cfg.reuse``, after checking it certified the
+    same seed, data and weights with the same settings; refused with a one-line error otherwise."""
+    from .merge import _read_shard, _settings  # merge imports this module
+
+    folder = Path(cfg.reuse)
+    if not folder.is_dir():
+        raise InputError(f"certify reuse '{folder}' is not a folder", "give an earlier run's <out>/certify folder")
+    old_cfg, rows, old_prov, ref_rows = _read_shard(folder)
+    if not old_prov:
+        raise InputError(f"certify reuse '{folder}' has no provenance.json (written by an older version)",
+                         "certify without reuse")
+    diff = [k for k in ("seed", "data", "test_images", "model", "model_right") if old_prov.get(k) != provenance.get(k)]
+    if diff:
+        raise InputError(f"certify reuse '{folder}' certified another {', '.join(diff)} (provenance.json)",
+                         "reuse an output of the same models, seed and data, or drop reuse")
+    mine = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in REUSE_FREE}
+    theirs = CertifyConfig.model_validate({**_settings(old_cfg), "shard": None}).model_dump(mode="json")
+    diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+    if diff:
+        raise InputError(f"certify reuse '{folder}' was certified with other settings ({', '.join(diff)})",
+                         "reuse an output certified with the same sigma, n, n0, alpha, batch size and runtime")
+    same_ref = ref_rows is not None and ref_hash is not None and old_prov.get("reference") == ref_hash
+    return rows, (ref_rows if same_ref else None)
+
+
 def _run(models, ctx: StageContext, cfg: CertifyConfig, indices: list[int], label: str,
-         device: torch.device, identity: dict) -> tuple[list[dict], float]:
+         device: torch.device, identity: dict, reused: Optional[list[dict]] = None) -> tuple[list[dict], float]:
     """Certify the images ``indices``, several per noise step when n0 + n is small against the batch
     size (each image's result is the same as alone: its noise depends only on (seed, index)). On
     out-of-memory the forward chunk is halved first (the same noise), then the batch size.
@@ -165,9 +201,15 @@ def _run(models, ctx: StageContext, cfg: CertifyConfig, indices: list[int], labe
     journal = ctx.work_dir / f"{label}.jsonl"
     rows = _resume(journal, identity, indices)
     done = {r["index"] for r in rows}
-    seconds_before = sum(r["seconds"] for r in rows)
     if rows:
         log(f"[{ctx.stage_id}] resumed {len(rows)} of {len(indices)} images ({label}) from an interrupted run")
+    wanted = set(indices)
+    earlier = [r for r in reused or [] if r["index"] in wanted and r["index"] not in done]
+    if reused is not None:
+        log(f"[{ctx.stage_id}] reused {len(earlier)} of {len(indices)} images ({label}) from {cfg.reuse}")
+    rows += earlier
+    done |= {r["index"] for r in earlier}
+    seconds_before = sum(r["seconds"] for r in rows)  # the reused certificates' own time
     journal.write_text("".join(json.dumps(r) + "\n" for r in [identity, *rows]))  # no line cut short
     todo = [i for i in indices if i not in done]
     t_all = time.perf_counter()
@@ -410,9 +452,11 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
         ref_hash = weights_hash(ref_model)
         ref = _classifier(ref_model, ctx, cfg, ctx.device, tuple(ctx.data.input_shape), probe, "reference")
         check_outputs(ref, probe[:2].to(ctx.device), num_classes, "reference")
+    reused, reused_ref = (reused_certificates(cfg, provenance, ref_hash if cfg.reference else None)
+                          if cfg.reuse else (None, None))
     log(f"[{ctx.stage_id}] {cfg.method.upper()} on {len(indices)} test images, sigma {cfg.sigma}, n0 {cfg.n0}, "
         f"n {cfg.n}, alpha {cfg.alpha}{f', shard {shard}' if shard else ''}")
-    rows, seconds = _run(models, ctx, cfg, indices, "model", device, {**provenance, "indices": indices})
+    rows, seconds = _run(models, ctx, cfg, indices, "model", device, {**provenance, "indices": indices}, reused)
     ctx.save_table("certify", rows)
     metrics = summarize(rows, cfg.radii)
     samples = len(rows) * (cfg.n0 + cfg.n) * len(models)
@@ -427,7 +471,7 @@ def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
     if ref is not None:
         provenance["reference"] = ref_hash
         ref_rows, _ = _run((ref,), ctx, cfg, indices, "reference", ctx.device,
-                           {**provenance, "indices": indices})
+                           {**provenance, "indices": indices}, reused_ref)
         ctx.save_table("certify_reference", ref_rows)
         metrics.update(reference_metrics(rows, ref_rows, cfg.radii))
         curves["reference"] = ref_rows

@@ -267,6 +267,44 @@ def test_an_interrupted_certify_resumes_with_the_same_certificates(tmp_path, wor
     assert strip(got) == strip(want) and not (workdir / "cut" / ".work" / "certify").exists()
 
 
+
+def test_reuse_grows_a_certification_with_the_table_a_fresh_run_gives(tmp_path, workdir, monkeypatch, capfd):
+    # 12 images (every 40th), then 23 (every 20th) reusing them: the 12 are read back (their own seconds),
+    # 11 are certified, and the table equals a fresh 23-image run's; the reference table likewise
+    (tmp_path / "fixedlin.py").write_text("import torch\nfrom torch import nn\n\n\ndef net():\n"
+                                          "    torch.manual_seed(0)\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def run(name, stage, model="fixedlin:net", seed=0):
+        cfg = validate(PipelineConfig, {"name": name, "model": model, "data": "digits", "seed": seed,
+                                        "stages": [stage]}, "test")
+        Pipeline(cfg, workdir, show_progress=False).run()
+        return workdir / name / next(iter(stage))
+
+    saved = str(run("t", {"train": {"epochs": 1, "lr": 0.05}}) / "model")
+    base = {"n0": 10, "n": 60, "alpha": 0.01, "batch_size": 70, "runtime": "torch", "reference": saved}
+    table = lambda folder, name="certify": list(csv.DictReader(open(folder / f"{name}.csv")))  # noqa: E731
+    few = run("few", {"certify": {**base, "every": 40}}, saved)
+    capfd.readouterr()
+    grown = run("grown", {"certify": {**base, "every": 20, "reuse": str(few)}}, saved)
+    err = capfd.readouterr().err
+    assert "reused 12 of 23 images (model)" in err and "reused 12 of 23 images (reference)" in err
+    fresh = run("fresh", {"certify": {**base, "every": 20}}, saved)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    for name in ("certify", "certify_reference"):
+        assert strip(table(grown, name)) == strip(table(fresh, name)) and len(table(grown, name)) == 23
+        earlier = {r["index"]: r["seconds"] for r in table(few, name)}
+        assert {r["index"]: r["seconds"] for r in table(grown, name) if r["index"] in earlier} == earlier  # read back
+    assert any(r["radius"] != "0.0" for r in table(fresh)) and {r["index"] for r in table(few)} < {r["index"] for r in table(grown)}
+    # refused, one line each, before any certificate: other settings, another seed, not a certify folder
+    for stage, seed, match in (({**base, "every": 20, "sigma": 0.5, "reuse": str(few)}, 0, r"other settings \(sigma\)"),
+                               ({**base, "every": 20, "reuse": str(few)}, 1, "another seed"),
+                               ({**base, "every": 20, "reuse": str(tmp_path)}, 0, "not a certify output folder"),
+                               ({**base, "every": 20, "reuse": str(tmp_path / "nowhere")}, 0, "is not a folder")):
+        with pytest.raises(InputError, match=match):
+            run("bad", {"certify": stage}, saved, seed)
+        assert not (workdir / "bad" / "certify").exists()
+
 def test_the_journal_is_read_back_only_for_the_same_weights_and_images(tmp_path):
     from deploypipe.stages.certify.stage import _resume
 
