@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-certify")
     ap.add_argument("--only-train", action="store_true", help="train the base classifiers, certify nothing (yet)")
     ap.add_argument("--grow", action="store_true",
-                    help="certify --reuse each row's earlier output in --out (e.g. --every 20 after --every 50): the "
+                    help="certify --reuse each row's earlier output in --out (e.g. --every 20 after --every 100): the "
                          "certificates of the images both select are read back, only the new images are certified")
     args = ap.parse_args()
     out = Path(args.out)
