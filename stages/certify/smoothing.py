@@ -28,7 +28,10 @@ largest s + t is sqrt(2) r / sigma, so the prediction is certified for r < sigma
 With a = b this is sqrt(2) sigma Phi^-1(p_lower), the familiar sqrt(2) gain; when the sides differ
 it is smaller than sqrt(R_l^2 + R_r^2) = sigma sqrt(a^2 + b^2), which the reference code reports
 and which over-certifies (for linear sides, where the bound is tight, it exceeds the exact radius).
-Abstain when a + b <= 0.
+Abstain when a + b <= 0. At matched noise (DRS at sigma / sqrt(2) against RS at sigma) the sound
+radius is no gain by itself: for a linear classifier w.x + beta and its two halves with |w_l| = |w_r|,
+both certify the distance to its hyperplane. DRS gains only where its side classifiers are more
+confident at sigma / sqrt(2) than the full-image one at sigma.
 
 Speed: noise and votes stay on the model's device, with one host sync per image (per group of
 images when several share the forward passes: n0 + n small against ``batch_size``); batches of

@@ -13,8 +13,8 @@ from scipy import stats
 from deploypipe.data import half_image_shape
 from deploypipe.stages.certify.bounds import betainc, binom_test_two_sided_half, clopper_pearson_lower
 from deploypipe.stages.certify.smoothing import (ABSTAIN, certify, certify_drs, certify_drs_images, certify_images,
-                                                 drs_radius, image_generator, merge, mix_seed, predict, side_generator,
-                                                 split, vote_counts)
+                                                 drs_radius, image_generator, merge, mix_seed, predict, rs_radius,
+                                                 side_generator, split, vote_counts)
 
 
 @pytest.mark.parametrize("k, n", [(0, 10), (1, 10), (7, 10), (10, 10), (12, 100), (100, 100), (50001, 100000),
@@ -92,6 +92,41 @@ def test_drs_radius_never_exceeds_the_exact_radius_of_linear_sides_and_the_refer
         a, b = (stats.norm.ppf(cert.p_lower), stats.norm.ppf(cert.p_lower_right))
         unsound = sigma * math.sqrt(a * a + b * b)  # what the reference implementation reports
         assert unsound > exact  # ... and it certifies beyond where the classifier provably flips
+
+
+def test_at_matched_noise_drs_of_a_linear_classifiers_halves_certifies_what_rs_does():
+    """RS at sigma of f(x) = w.x + beta against DRS at sigma / sqrt(2) of its two halves (w_l.x_l +
+    beta_l, w_r.x_r + beta_r, beta_l + beta_r = beta) with |w_l| = |w_r| = u: the exact radii are
+    m / (sqrt(2) u) and (m_l / u + m_r / u) / sqrt(2), the same for any split of the margin m. So the
+    sound radius gives DRS nothing over RS at matched noise by itself; a gain must come from side
+    classifiers more confident at sigma / sqrt(2) than the full one at sigma (README, certify)."""
+    sigma = 0.3
+    shape = (1, 4, 4)
+    for seed, share in [(0, 0.5), (1, 0.8), (2, 0.3)]:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.rand(shape, generator=g)
+        xl, xr = split(x)
+        wl, wr = torch.randn(xl.numel(), generator=g), torch.randn(xr.numel(), generator=g)
+        wr = wr * (wl.norm() / wr.norm())  # balanced halves
+        w = merge(wl.reshape(xl.shape), wr.reshape(xr.shape)).flatten()
+        assert float(x.flatten() @ w) == pytest.approx(float(xl.flatten() @ wl + xr.flatten() @ wr), rel=1e-5)
+        m = 0.35 * float(w.norm())  # margin of the full classifier: exact RS radius 0.35
+        ml, mr = share * m, (1 - share) * m
+        full = Linear2(w, -float(x.flatten() @ w) + m)
+        left = Linear2(wl, -float(xl.flatten() @ wl) + ml)
+        right = Linear2(wr, -float(xr.flatten() @ wr) + mr)
+        # closed form, through the radius functions the stage uses
+        a, b = ml / (sigma / math.sqrt(2) * float(wl.norm())), mr / (sigma / math.sqrt(2) * float(wr.norm()))
+        exact_rs = rs_radius(stats.norm.cdf(full.margin(x, sigma)), sigma)
+        exact_drs = drs_radius(stats.norm.cdf(a), stats.norm.cdf(b), sigma / math.sqrt(2))
+        assert exact_rs == pytest.approx(0.35, rel=1e-6) and exact_drs == pytest.approx(exact_rs, rel=1e-6)
+        # and what the certifiers measure (n = 100,000; different noise, so within Monte-Carlo error)
+        rs = certify(full, x, sigma, 100, 100_000, 0.001, 2, 10_000, image_generator(seed, 0, "cpu"))
+        drs = certify_drs(left, right, x, sigma / math.sqrt(2), 100, 100_000, 0.001, 2, 10_000,
+                          image_generator(seed, 0, "cpu"))
+        assert rs.prediction == drs.prediction == 1
+        assert 0.9 * exact_rs < rs.radius <= exact_rs and 0.9 * exact_rs < drs.radius <= exact_drs
+        assert abs(drs.radius - rs.radius) < 0.05 * exact_rs
 
 
 def test_drs_exact_radius_is_where_the_linear_sides_flip():
