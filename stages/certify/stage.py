@@ -180,7 +180,7 @@ def reused_certificates(cfg: CertifyConfig, provenance: dict, ref_hash: Optional
         raise InputError(f"certify reuse '{folder}' certified another {', '.join(diff)} (provenance.json)",
                          "reuse an output of the same models, seed and data, or drop reuse")
     mine = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in REUSE_FREE}
-    theirs = CertifyConfig.model_validate({**_settings(old_cfg), "shard": None}).model_dump(mode="json")
+    theirs = CertifyConfig.model_validate(_settings(old_cfg)).model_dump(mode="json")  # shard dropped there
     diff = sorted(k for k in mine if theirs.get(k) != mine[k])
     if diff:
         raise InputError(f"certify reuse '{folder}' was certified with other settings ({', '.join(diff)})",
