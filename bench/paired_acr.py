@@ -8,6 +8,15 @@ it was interrupted, the journal of the images it finished, .work/certify/<model>
 certify.csv or a journal file.
 
     python bench/paired_acr.py runs/bench-certify/certify-rs-sigma0.5 runs/bench-certify/certify-drs-sigma0.36-full
+
+When the first run is RS and the second DRS (read from the config.yaml beside each finished run's
+table), the difference is also accounted for, exactly, in four parts. On an image both certify
+correctly, RS's radius is sigma_rs * c and DRS's sigma_drs * sqrt(2) * m, with c = Phi^-1 of RS's
+bound and m the mean of the two sides' Phi^-1 (the sound radius), so DRS's radius is
+k = sigma_drs * sqrt(2) / sigma_rs times what RS would give at the same confidence (k = 1 at exactly
+matched noise; 1.018 for the pairs 0.18 / 0.25 and 0.36 / 0.5). The parts: the noise scale (DRS's
+radii there times 1 - 1/k), the sides' confidence (DRS's radii there divided by k, minus RS's), the
+images only DRS certifies, and minus those only RS certifies.
 """
 
 from __future__ import annotations
@@ -18,6 +27,9 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Optional
+
+import yaml
 
 
 def read_radii(path: str | Path) -> dict[int, float]:
@@ -56,6 +68,38 @@ def paired_difference(first: dict[int, float], second: dict[int, float]) -> tupl
     return mean, sd / math.sqrt(len(d)), len(d)
 
 
+def run_config(path: str | Path) -> Optional[dict]:
+    """The certify config (method, sigma, ...) of a finished run: the config.yaml beside its table."""
+    path = Path(path)
+    found = path / "certify" / "config.yaml" if path.is_dir() else path.parent / "config.yaml"
+    if path.suffix == ".jsonl" or not found.exists():
+        return None
+    return (yaml.safe_load(found.read_text()) or {}).get("certify")
+
+
+def drs_against_rs(rs: dict[int, float], drs: dict[int, float], sigma_rs: float, sigma_drs: float) -> dict:
+    """ACR(DRS) - ACR(RS) over the images both runs hold, split into four parts that sum to it
+    exactly (see the module docstring), with the mean confidences Phi^-1 on the images both certify."""
+    common = sorted(rs.keys() & drs.keys())
+    if not common:
+        raise ValueError("the two runs have no test image in common")
+    k = sigma_drs * math.sqrt(2) / sigma_rs
+    both = [i for i in common if rs[i] > 0 and drs[i] > 0]
+    n = len(common)
+    return {
+        "k": k,
+        "both": len(both),
+        "rs_confidence": sum(rs[i] for i in both) / sigma_rs / max(len(both), 1),
+        "drs_confidence": sum(drs[i] for i in both) / (sigma_drs * math.sqrt(2)) / max(len(both), 1),
+        "noise_scale": sum(drs[i] for i in both) * (1 - 1 / k) / n,
+        "confidence": sum(drs[i] / k - rs[i] for i in both) / n,
+        "drs_only": sum(drs[i] for i in common if drs[i] > 0 and rs[i] == 0) / n,
+        "drs_only_images": sum(1 for i in common if drs[i] > 0 and rs[i] == 0),
+        "rs_only": -sum(rs[i] for i in common if rs[i] > 0 and drs[i] == 0) / n,
+        "rs_only_images": sum(1 for i in common if rs[i] > 0 and drs[i] == 0),
+    }
+
+
 def verdict(diff: float, se: float) -> str:
     """Where the second run stands against the first, from the paired difference and its standard error."""
     if diff == 0:
@@ -78,6 +122,18 @@ def main() -> None:
     print(f"{n} images in common ({len(a)} in the first run, {len(b)} in the second)")
     print(f"ACR over them: first {acr_a:.3f}, second {acr_b:.3f}")
     print(f"second - first, paired: {diff:+.3f} +- {se:.3f} standard error: {verdict(diff, se)}")
+    first, second = run_config(args.first), run_config(args.second)
+    if first and second and (first.get("method"), second.get("method")) == ("rs", "drs"):
+        p = drs_against_rs(a, b, float(first["sigma"]), float(second["sigma"]))
+        print(f"RS at sigma {first['sigma']}, DRS at {second['sigma']}: per unit of confidence DRS's radius is "
+              f"{p['k']:.3f}x RS's (sigma_drs * sqrt(2) / sigma_rs)")
+        print(f"on the {p['both']} images both certify correctly, mean Phi^-1 of the bound: RS {p['rs_confidence']:.3f}, "
+              f"DRS sides {p['drs_confidence']:.3f}")
+        print("second - first, accounted for:")
+        for label, key in ((f"noise scale ({p['k']:.3f}x)", "noise_scale"), ("side confidence", "confidence"),
+                           (f"images only DRS certifies ({p['drs_only_images']})", "drs_only"),
+                           (f"images only RS certifies ({p['rs_only_images']})", "rs_only")):
+            print(f"  {label:<36} {p[key]:+.4f}")
 
 
 if __name__ == "__main__":
