@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from paired_acr import paired_difference, read_radii, verdict  # noqa: E402 (after the path insert)
+from paired_acr import drs_against_rs, paired_difference, read_radii, verdict  # noqa: E402 (after the path insert)
 from runner import run_deploypipe  # noqa: E402
 
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
@@ -140,11 +140,17 @@ def main() -> None:
     if pairs:
         lines.append("")
         for a, b in pairs:
-            diff, se, _ = paired_difference(read_radii(a["csv"]), read_radii(b["csv"]))
+            rs_radii, drs_radii = read_radii(a["csv"]), read_radii(b["csv"])
+            diff, se, _ = paired_difference(rs_radii, drs_radii)
+            p = drs_against_rs(rs_radii, drs_radii, a["sigma"], b["sigma"])
             lines.append(f"{b['method']} sigma {b['sigma']:g} ACR {b['acr']:.3f} vs RS sigma {a['sigma']:g} ACR "
                          f"{a['acr']:.3f}: {verdict(diff, se)} (paired over the same images: {diff:+.3f} +- {se:.3f} standard error; "
                          f"with the DRS reference code's radius sigma*sqrt(a^2+b^2) the same votes give ACR >= "
-                         f"{reference_formula_acr(b['csv'], b['sigma']):.3f})")
+                         f"{reference_formula_acr(b['csv'], b['sigma']):.3f}). Accounted for (bench/paired_acr.py): "
+                         f"noise scale {p['k']:.3f}x {p['noise_scale']:+.4f}, side confidence {p['confidence']:+.4f} "
+                         f"(mean Phi^-1 of the bound on the {p['both']} images both certify: sides {p['drs_confidence']:.3f}, "
+                         f"RS {p['rs_confidence']:.3f}), images only DRS certifies ({p['drs_only_images']}) {p['drs_only']:+.4f}, "
+                         f"only RS ({p['rs_only_images']}) {p['rs_only']:+.4f}")
     text = "\n".join(lines)
     print("\n" + text)
     (out / "results.md").write_text(text + "\n")
