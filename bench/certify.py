@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from paired_acr import drs_against_rs, paired_difference, read_radii, verdict  # noqa: E402 (after the path insert)
+from paired_acr import accounting_lines, drs_against_rs, paired_difference, read_radii, verdict  # noqa: E402 (after the path insert)
 from runner import run_deploypipe  # noqa: E402
 
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
@@ -146,11 +146,9 @@ def main() -> None:
             lines.append(f"{b['method']} sigma {b['sigma']:g} ACR {b['acr']:.3f} vs RS sigma {a['sigma']:g} ACR "
                          f"{a['acr']:.3f}: {verdict(diff, se)} (paired over the same images: {diff:+.3f} +- {se:.3f} standard error; "
                          f"with the DRS reference code's radius sigma*sqrt(a^2+b^2) the same votes give ACR >= "
-                         f"{reference_formula_acr(b['csv'], b['sigma']):.3f}). Accounted for (bench/paired_acr.py): "
-                         f"noise scale {p['k']:.3f}x {p['noise_scale']:+.4f}, side confidence {p['confidence']:+.4f} "
-                         f"(mean Phi^-1 of the bound on the {p['both']} images both certify: sides {p['drs_confidence']:.3f}, "
-                         f"RS {p['rs_confidence']:.3f}), images only DRS certifies ({p['drs_only_images']}) {p['drs_only']:+.4f}, "
-                         f"only RS ({p['rs_only_images']}) {p['rs_only']:+.4f}")
+                         f"{reference_formula_acr(b['csv'], b['sigma']):.3f}); per unit of confidence a DRS radius is "
+                         f"{p['k']:.3f}x an RS one (sigma_drs * sqrt(2) / sigma_rs)")
+            lines += accounting_lines(p)
     text = "\n".join(lines)
     print("\n" + text)
     (out / "results.md").write_text(text + "\n")

@@ -85,19 +85,31 @@ def drs_against_rs(rs: dict[int, float], drs: dict[int, float], sigma_rs: float,
         raise ValueError("the two runs have no test image in common")
     k = sigma_drs * math.sqrt(2) / sigma_rs
     both = [i for i in common if rs[i] > 0 and drs[i] > 0]
-    n = len(common)
+    drs_only = [i for i in common if drs[i] > 0 and rs[i] == 0]
+    rs_only = [i for i in common if rs[i] > 0 and drs[i] == 0]
+    n, n_both = len(common), max(len(both), 1)
     return {
         "k": k,
         "both": len(both),
-        "rs_confidence": sum(rs[i] for i in both) / sigma_rs / max(len(both), 1),
-        "drs_confidence": sum(drs[i] for i in both) / (sigma_drs * math.sqrt(2)) / max(len(both), 1),
+        "rs_confidence": sum(rs[i] for i in both) / sigma_rs / n_both,
+        "drs_confidence": sum(drs[i] for i in both) / (sigma_drs * math.sqrt(2)) / n_both,
         "noise_scale": sum(drs[i] for i in both) * (1 - 1 / k) / n,
         "confidence": sum(drs[i] / k - rs[i] for i in both) / n,
-        "drs_only": sum(drs[i] for i in common if drs[i] > 0 and rs[i] == 0) / n,
-        "drs_only_images": sum(1 for i in common if drs[i] > 0 and rs[i] == 0),
-        "rs_only": -sum(rs[i] for i in common if rs[i] > 0 and drs[i] == 0) / n,
-        "rs_only_images": sum(1 for i in common if rs[i] > 0 and drs[i] == 0),
+        "drs_only": sum(drs[i] for i in drs_only) / n,
+        "drs_only_images": len(drs_only),
+        "rs_only": -sum(rs[i] for i in rs_only) / n,
+        "rs_only_images": len(rs_only),
     }
+
+
+def accounting_lines(p: dict) -> list[str]:
+    """``drs_against_rs``'s parts as the lines paired_acr.py and bench/certify.py print."""
+    return [f"on the {p['both']} images both certify correctly, mean Phi^-1 of the bound: RS {p['rs_confidence']:.3f}, "
+            f"DRS sides {p['drs_confidence']:.3f}; DRS - RS, accounted for:",
+            *(f"  {label:<36} {p[key]:+.4f}" for label, key in (
+                (f"noise scale ({p['k']:.3f}x)", "noise_scale"), ("side confidence", "confidence"),
+                (f"images only DRS certifies ({p['drs_only_images']})", "drs_only"),
+                (f"images only RS certifies ({p['rs_only_images']})", "rs_only")))]
 
 
 def verdict(diff: float, se: float) -> str:
@@ -127,13 +139,7 @@ def main() -> None:
         p = drs_against_rs(a, b, float(first["sigma"]), float(second["sigma"]))
         print(f"RS at sigma {first['sigma']}, DRS at {second['sigma']}: per unit of confidence DRS's radius is "
               f"{p['k']:.3f}x RS's (sigma_drs * sqrt(2) / sigma_rs)")
-        print(f"on the {p['both']} images both certify correctly, mean Phi^-1 of the bound: RS {p['rs_confidence']:.3f}, "
-              f"DRS sides {p['drs_confidence']:.3f}")
-        print("second - first, accounted for:")
-        for label, key in ((f"noise scale ({p['k']:.3f}x)", "noise_scale"), ("side confidence", "confidence"),
-                           (f"images only DRS certifies ({p['drs_only_images']})", "drs_only"),
-                           (f"images only RS certifies ({p['rs_only_images']})", "rs_only")):
-            print(f"  {label:<36} {p[key]:+.4f}")
+        print("\n".join(accounting_lines(p)))
 
 
 if __name__ == "__main__":
