@@ -82,7 +82,8 @@ def main() -> None:
     from deploypipe.models import load_model
     from deploypipe.stages.certify.smoothing import certify, image_generator
     from deploypipe.stages.certify.runtime import to_onnxruntime
-    from deploypipe.stages.certify.stage import CPU_FORWARD_BATCH, CertifyConfig, _prepare
+    from deploypipe.stages.certify.classifier import prepare as _prepare
+    from deploypipe.stages.certify.config import CPU_FORWARD_BATCH, CertifyConfig
 
     model = load_model(args.model).to(device).eval()
     data = load_data(DataSpec(source=args.data))

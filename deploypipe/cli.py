@@ -49,7 +49,8 @@ def common_params() -> list[click.Option]:
         click.Option(["--experiment"], default=None, help="MLflow experiment name"),
         click.Option(["--device"], default=None, help="auto | cpu | cuda | cuda:N"),
         click.Option(["--seed"], type=int, default=None, help="seed of training and sampling"),
-        click.Option(["--json", "as_json"], is_flag=True, help="print a JSON summary (metrics, artifact paths) as the last line"),
+        click.Option(["--json", "as_json"], is_flag=True, help="print a JSON summary (metrics, artifact paths) as the "
+                                                               "last line"),
     ]
 
 
@@ -58,15 +59,20 @@ def common_options(fn: Callable) -> Callable:
     return fn
 
 
-def _execute(cfg: PipelineConfig, workdir: Path, out: Optional[Path], only: Optional[list[str]], force: bool,
-             tracking_uri: Optional[str], experiment: Optional[str], device: Optional[str], seed: Optional[int],
-             as_json: bool, where: str) -> None:
+def _execute(cfg: PipelineConfig, options: Any, as_json: bool) -> None:
+    """Run ``cfg`` with ``options`` (a deploypipe.pipeline.RunOptions) and print the summary."""
     from .pipeline import Pipeline
 
-    pipe = Pipeline(cfg, workdir, out_dir=out, tracking_uri=tracking_uri, experiment=experiment, device=device,
-                    seed=seed, show_progress=sys.stderr.isatty(), where=where)
-    summary = pipe.run(only=only, force=force)
-    _print_summary(summary, workdir, as_json)
+    summary = Pipeline(cfg, options).run()
+    _print_summary(summary, options.workdir, as_json)
+
+
+def _options(workdir: Path, tracking_uri: Optional[str], experiment: Optional[str], device: Optional[str],
+             seed: Optional[int], where: str, **more: Any) -> Any:
+    from .pipeline import RunOptions
+
+    return RunOptions(workdir=workdir, tracking_uri=tracking_uri, experiment=experiment, device=device, seed=seed,
+                      show_progress=sys.stderr.isatty(), where=where, **more)
 
 
 def _print_summary(summary: Any, workdir: Path, as_json: bool) -> None:
@@ -141,7 +147,8 @@ def cli() -> None:
 
 @cli.command("run")
 @click.argument("pipeline", type=click.Path(path_type=Path))
-@click.option("--stage", "only", multiple=True, help="run only this stage id (repeatable); earlier stages must be finished")
+@click.option("--stage", "only", multiple=True, help="run only this stage id (repeatable); earlier stages must be "
+                                                     "finished")
 @click.option("--force", is_flag=True, help="rerun stages even when their config and inputs are unchanged")
 @common_options
 def run_cmd(pipeline: Path, only: tuple[str, ...], force: bool, workdir: Path, tracking_uri: Optional[str],
@@ -156,7 +163,8 @@ def run_cmd(pipeline: Path, only: tuple[str, ...], force: bool, workdir: Path, t
       deploypipe run pipeline.yaml --tracking-uri http://127.0.0.1:5000 --json
     """
     cfg = load_pipeline(pipeline)
-    _execute(cfg, workdir, None, list(only) or None, force, tracking_uri, experiment, device, seed, as_json, str(pipeline))
+    _execute(cfg, _options(workdir, tracking_uri, experiment, device, seed, str(pipeline), only=list(only) or None,
+                           force=force), as_json)
 
 
 @cli.command("demo")
@@ -172,7 +180,7 @@ def demo_cmd(force: bool, workdir: Path, tracking_uri: Optional[str], experiment
     """
     path = _demo_yaml()
     cfg = load_pipeline(path)
-    _execute(cfg, workdir, None, None, force, tracking_uri, experiment, device, seed, as_json, str(path))
+    _execute(cfg, _options(workdir, tracking_uri, experiment, device, seed, str(path), force=force), as_json)
 
 
 @cli.command("stages")
@@ -213,14 +221,16 @@ def _schema_rows(schema: type) -> list[dict]:
         if typing.get_origin(ann) is typing.Literal:
             tname = " | ".join(map(str, typing.get_args(ann)))
         default = f.get_default(call_default_factory=True)
-        rows.append({"name": name, "type": tname, "default": json.dumps(default, default=str), "description": f.description or ""})
+        rows.append({"name": name, "type": tname, "default": json.dumps(default, default=str),
+                     "description": f.description or ""})
     return rows
 
 
 @cli.command("ui")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
               help="the work directory whose mlflow.db to serve")
-@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (keep 127.0.0.1 unless behind a proxy)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (keep 127.0.0.1 unless behind a "
+                                                                     "proxy)")
 @click.option("--port", type=int, default=5000, show_default=True)
 def ui_cmd(workdir: Path, host: str, port: int) -> None:
     """Serve the local MLflow store of a work directory with `mlflow server` on 127.0.0.1.
@@ -303,6 +313,19 @@ def _parse_structured(value: Any, ann: Any, option: str = "") -> Any:
                          "write lists as a,b,c or [a, b] and mappings as {key: value}") from None
 
 
+def _flag(field: Any) -> str:
+    return "--" + str(field).replace("_", "-")
+
+
+def _common_flag(loc: tuple) -> Optional[str]:
+    """The flag of a stage command that set a pipeline key: --model, --checkpoint, --data, --calib-size, ..."""
+    if loc[:1] == ("model",):
+        return "--model" if len(loc) < 2 or loc[1] == "spec" else _flag(loc[1])
+    if loc[:1] == ("data",):
+        return "--data" if len(loc) < 2 or loc[1] == "source" else _flag(loc[1])
+    return None
+
+
 def _stage_command(name: str, schema: type, help_text: str) -> click.Command:
     params: list[click.Parameter] = []
     for field, f in schema.model_fields.items():
@@ -316,7 +339,8 @@ def _stage_command(name: str, schema: type, help_text: str) -> click.Command:
 
     def callback(**kw: Any) -> None:
         common = {k: kw.pop(k) for k in ("workdir", "tracking_uri", "experiment", "device", "seed", "as_json")}
-        model = {"spec": kw.pop("model"), "checkpoint": kw.pop("checkpoint"), "mean": kw.pop("mean"), "std": kw.pop("std")}
+        model = {k: kw.pop(k) for k in ("checkpoint", "mean", "std")}
+        model["spec"] = kw.pop("model")
         model = {k: v for k, v in model.items() if v is not None}
         for k in ("mean", "std"):
             if k in model:
@@ -338,24 +362,31 @@ def _stage_command(name: str, schema: type, help_text: str) -> click.Command:
                 stage_cfg[k] = None
             elif v is not None:
                 stage_cfg[k] = _parse_structured(v, schema.model_fields[k].annotation, k)
+        where, fix = f"deploypipe {name}", f"see 'deploypipe {name} --help'"
+        typed = validate(schema, stage_cfg, where, flag_of=lambda loc: _flag(loc[0]) if loc else None, fix=fix)
         cfg = validate(PipelineConfig, {"name": name, "model": model, "data": data, "stages": [{name: stage_cfg}]},
-                       f"deploypipe {name}")
-        _execute(cfg, common["workdir"], out, None, force, common["tracking_uri"], common["experiment"],
-                 common["device"], common["seed"], common["as_json"], f"deploypipe {name}")
+                       where, flag_of=_common_flag, fix=fix)
+        cfg.stages[0]._typed = typed  # validated once, here
+        as_json = common.pop("as_json")
+        _execute(cfg, _options(**common, where=where, out_dir=out, force=force), as_json)
 
     params += [
-        click.Option(["--model", "model"], required=True, help="zoo:NAME, package.module:factory, or a saved model/ folder"),
-        click.Option(["--checkpoint"], type=click.Path(path_type=Path), default=None, help="state dict for the model (weights_only=True)"),
+        click.Option(["--model", "model"], required=True, help="zoo:NAME, package.module:factory, or a saved model/ "
+                                                               "folder"),
+        click.Option(["--checkpoint"], type=click.Path(path_type=Path), default=None, help="state dict for the model "
+                                                                                           "(weights_only=True)"),
         click.Option(["--mean"], default=None, help="per-channel mean for a user model, e.g. 0.49,0.48,0.45"),
         click.Option(["--std"], default=None, help="per-channel std for a user model"),
-        click.Option(["--data", "data"], default="digits", show_default=True, help="digits | imagefolder:PATH | torchvision:CIFAR10"),
+        click.Option(["--data", "data"], default="digits", show_default=True, help="digits | imagefolder:PATH | "
+                                                                                   "torchvision:CIFAR10"),
         click.Option(["--calib-size"], type=int, default=None, help="calibration images from the train split"),
         click.Option(["--limit-train"], type=int, default=None, help="use only N training images"),
         click.Option(["--limit-test"], type=int, default=None, help="use only N test images"),
         click.Option(["--image-size"], type=int, default=None, help="resize image-folder images to this size"),
         click.Option(["--out"], type=click.Path(file_okay=False, path_type=Path), default=None,
                      help=f"output folder (default <workdir>/{name}); the stage writes <out>/{name}/"),
-        click.Option(["--force"], is_flag=True, help="rerun even if the same stage already finished with this config and input"),
+        click.Option(["--force"], is_flag=True, help="rerun even if the same stage already finished with this config "
+                                                     "and input"),
     ]
     cmd = click.Command(name, callback=callback, params=params + common_params(), help=(
         f"{help_text}.\n\nRuns a one-stage pipeline; options are the stage's config keys (see 'deploypipe stages').\n\n"

@@ -18,18 +18,13 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import InputError
-
-
-class Schema(BaseModel):
-    """Base of every config: unknown keys are errors, values are checked on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from .errors import FIX, InputError
+from .schema import Schema  # noqa: F401  (re-exported: the base of every config)
 
 
 class ModelSpec(Schema):
@@ -53,7 +48,8 @@ class DataSpec(Schema):
     limit_train: Optional[int] = Field(None, ge=1, description="use only this many training images (quick runs)")
     limit_test: Optional[int] = Field(None, ge=1, description="use only this many test images (quick runs)")
     image_size: Optional[int] = Field(None, ge=4, description="resize image-folder images to this square size")
-    augment: Literal["standard", "none"] = Field("standard", description="random crop (+ flip for natural images) in training")
+    augment: Literal["standard", "none"] = Field(
+        "standard", description="random crop (+ flip for natural images) in training")
     seed: int = Field(0, description="seed of the splits")
 
 
@@ -69,6 +65,13 @@ class StageEntry(Schema):
     stage: str
     id: str = Field(pattern=NAME_PATTERN)
     config: dict[str, Any]
+    _typed: Any = PrivateAttr(None)  # the stage's typed config when the CLI validated it already
+
+    def typed(self, schema: type[BaseModel], where: str, prefix: str) -> Any:
+        """The stage's config as its typed model (validated here unless the CLI did)."""
+        if isinstance(self._typed, schema):
+            return self._typed
+        return validate(schema, self.config, where, prefix=prefix)
 
 
 class PipelineConfig(Schema):
@@ -104,7 +107,8 @@ class PipelineConfig(Schema):
             item = dict(item)
             sid = item.pop("id", None)
             if len(item) != 1:
-                raise ValueError(f"stages[{i}] must name exactly one stage (plus an optional id), got keys {sorted(item)}")
+                raise ValueError(f"stages[{i}] must name exactly one stage (plus an optional id), got keys "
+                                 f"{sorted(item)}")
             (name, cfg), = item.items()
             cfg = {} if cfg is None else cfg
             if not isinstance(cfg, dict):
@@ -134,24 +138,33 @@ def _path(loc: tuple) -> str:
     return out
 
 
-def describe_validation_error(err: ValidationError, prefix: str = "", schema: type[BaseModel] | None = None) -> str:
-    """One line per problem: 'key.path = value: what is wrong (allowed: ...)'."""
+def describe_validation_error(err: ValidationError, prefix: str = "", schema: type[BaseModel] | None = None,
+                              flag_of: Optional[Callable[[tuple], Optional[str]]] = None) -> str:
+    """One line per problem: 'key.path = value: what is wrong (allowed: ...)'; with ``flag_of``, the
+    command-line flag that set a key names it instead ('--weight-bits 9: ...'). A fix a validator
+    wrote into its message (" — fix: ...") is left out here: ``validate`` puts it at the end."""
     parts = []
     for e in err.errors():
         loc = tuple(x for x in e["loc"] if x not in ("function-before", "function-after"))
-        path = _path(loc)
-        path = f"{prefix}.{path}" if prefix and path else (prefix or path)
+        flag = flag_of(loc) if flag_of else None
+        path = flag or _path(loc)
+        if not flag:
+            path = f"{prefix}.{path}" if prefix and path else (prefix or path)
         if e["type"] == "extra_forbidden":
             allowed = sorted(_allowed_keys(schema, loc[:-1])) if schema else []
             near = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             parts.append(f"{path}: unknown key{hint}; allowed: {', '.join(allowed)}")
         elif e["type"] == "missing":
-            parts.append(f"{path}: required key is missing")
+            parts.append(f"{path}: required {'option' if flag else 'key'} is missing")
         else:
-            msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"{path} = {e.get('input')!r}: {msg}")
+            msg = e["msg"].removeprefix("Value error, ").partition(FIX)[0]
+            parts.append(f"{path} {e.get('input')}: {msg}" if flag else f"{path} = {e.get('input')!r}: {msg}")
     return "; ".join(parts)
+
+
+def _fixes(err: ValidationError) -> list[str]:
+    return [e["msg"].partition(FIX)[2] for e in err.errors() if FIX in e["msg"]]
 
 
 def _allowed_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
@@ -169,12 +182,17 @@ def _allowed_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def validate(schema: type[BaseModel], data: Any, where: str, prefix: str = "") -> Any:
+def validate(schema: type[BaseModel], data: Any, where: str, prefix: str = "",
+             flag_of: Optional[Callable[[tuple], Optional[str]]] = None, fix: Optional[str] = None) -> Any:
+    """``data`` as a ``schema`` instance, or one InputError naming every problem (see
+    ``describe_validation_error``) and the fix (a validator's own, else ``fix``)."""
     try:
         return schema.model_validate(data)
     except ValidationError as err:
-        raise InputError(f"{where}: {describe_validation_error(err, prefix, schema)}",
-                         "correct the value(s) named; 'deploypipe stages' lists every option") from None
+        fixes = _fixes(err)
+        raise InputError(f"{where}: {describe_validation_error(err, prefix, schema, flag_of)}",
+                         fixes[0] if fixes else fix or "correct the value(s) named; 'deploypipe stages' lists every "
+                         "option") from None
 
 
 # --------------------------------------------------------------------------- YAML

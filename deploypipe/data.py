@@ -178,7 +178,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DEPLOYPIPE_CACHE", Path.home() / ".cache" / "deploypipe"))
 
 
-def _decode_folder(root: Path, image_size: Optional[int], workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
+def _decode_folder(root: Path, image_size: Optional[int],
+                   workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
     """Decode an image folder to (N, C, H, W) uint8 once; later calls read the cache (found by the
     files' names, sizes and mtimes). Returns the images, labels, class names and a digest of the
     decoded content: a copy of the folder with new mtimes (a restore, a copy without -p) has the same
@@ -249,7 +250,8 @@ def _torchvision(name: str, root: Optional[str]) -> tuple[tuple, tuple, list[str
     return arrays(sets[0]), arrays(sets[1]), list(sets[0].classes)
 
 
-def _stratified_holdout(labels: torch.Tensor, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _stratified_holdout(labels: torch.Tensor, fraction: float,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     train, test = [], []
     for c in labels.unique():
         idx = (labels == c).nonzero().flatten()
@@ -275,7 +277,8 @@ def load_data(spec: DataSpec, workers: int = 2) -> Splits:
         natural = False
     elif source == "imagefolder":
         if not arg:
-            raise InputError("data source 'imagefolder' needs a path", "use imagefolder:PATH with PATH/train and PATH/test")
+            raise InputError("data source 'imagefolder' needs a path", "use imagefolder:PATH with PATH/train and "
+                                                                       "PATH/test")
         root = Path(arg).expanduser()
         if not root.is_dir():
             raise InputError(f"data folder '{root}' does not exist", "check the path given after 'imagefolder:'")

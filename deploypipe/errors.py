@@ -4,9 +4,17 @@
 checkpoint that does not fit, unreachable server). The CLI prints one line — the problem and the
 fix — and exits 2, before anything is written.
 
+Methods (the algorithm modules, usable without the pipeline) never raise ``InputError``: they raise
+ValueError / TypeError, and a message meant for the user ends with " — fix: <what to do>"
+(``FIX``). The engine turns exactly those into ``InputError`` (``InputError.from_error``); any other
+exception of a stage is a failure.
+
 ``StageFailed``: a stage raised while running. Its MLflow run is marked FAILED, earlier stages'
 artifacts stay, and the CLI exits 1.
 """
+
+
+FIX = " — fix: "
 
 
 class InputError(Exception):
@@ -14,6 +22,17 @@ class InputError(Exception):
         super().__init__(problem, fix)
         self.problem = problem
         self.fix = fix
+
+    @classmethod
+    def from_error(cls, err: BaseException, where: str = "") -> "InputError":
+        """A method's ValueError / TypeError whose message carries " — fix: ..." as a one-line input error."""
+        problem, _, fix = str(err).partition(FIX)
+        return cls(f"{where}: {problem}" if where else problem, fix)
+
+    @staticmethod
+    def is_for_user(err: BaseException) -> bool:
+        """Whether ``err`` is a method's message to the user (ValueError / TypeError with a fix)."""
+        return isinstance(err, (ValueError, TypeError)) and FIX in str(err)
 
     def __str__(self) -> str:
         return f"{self.problem} — fix: {self.fix}"

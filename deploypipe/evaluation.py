@@ -10,27 +10,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageSet
+from .distributed import all_reduce_sum, rank_slice
+from .noise import noisy_images
 
 
 @torch.inference_mode()
 def top1_and_loss(model: nn.Module, data: ImageSet, batch_size: int = 256,
                   device: torch.device | str = "cpu", noise_sigma: float = 0.0, seed: int = 0) -> tuple[float, float]:
     """Top-1 accuracy (fraction) and mean cross-entropy of ``model`` on ``data``; with ``noise_sigma``
-    on the images plus one draw of N(0, sigma^2) noise per pixel in [0, 1] space (seeded): what a
-    randomized-smoothing base classifier faces."""
+    on the images plus one draw of N(0, sigma^2) noise per pixel in [0, 1] space (image i's from
+    ``noise_generator(seed, "evaluate", i)``): what a randomized-smoothing base classifier faces.
+    Under torchrun (a process group is up) each rank scores its share of the images and the
+    figures are summed over the ranks."""
     was_training = model.training
     model.eval()
+    share = rank_slice(len(data))
     correct, loss, n = 0, 0.0, 0
-    g = torch.Generator().manual_seed(seed)
-    for x, y in data.batches(batch_size):
+    mine = data if share == slice(0, len(data)) else data.subset(torch.arange(len(data))[share])
+    for x, y in mine.batches(batch_size):
         if noise_sigma > 0:
-            x = x + noise_sigma * torch.randn(x.shape, generator=g)
+            first = share.start + n
+            x = noisy_images(x, noise_sigma, seed, "evaluate", range(first, first + len(x)))
         x, y = x.to(device), y.to(device)
         logits = model(x)
         loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         n += len(y)
     model.train(was_training)
+    correct, loss, n = all_reduce_sum([correct, loss, n], device)
     return correct / max(n, 1), loss / max(n, 1)
 
 

@@ -62,7 +62,8 @@ class ModelRecord:
 
     def with_transform(self, kind: str, module: str, params: dict) -> "ModelRecord":
         """A copy with one more transform; ``module`` is imported on load to register ``kind``."""
-        return dataclasses.replace(self, transforms=[*self.transforms, {"kind": kind, "module": module, "params": params}])
+        record = {"kind": kind, "module": module, "params": params}
+        return dataclasses.replace(self, transforms=[*self.transforms, record])
 
     def to_json(self) -> dict:
         return {"format": FORMAT, **dataclasses.asdict(self)}
@@ -79,7 +80,8 @@ def resolve_factory(factory: str) -> Callable[..., nn.Module]:
         raise InputError(f"model folder '{factory}' does not exist",
                          "give the model/ folder a stage wrote (it holds model.json), or zoo:NAME")
     if not sep or not module_name or not attr:
-        raise InputError(f"model spec '{factory}' is neither zoo:NAME, package.module:factory, nor a saved model folder",
+        raise InputError(f"model spec '{factory}' is neither zoo:NAME, package.module:factory, nor a saved model "
+                         "folder",
                          "use e.g. zoo:resnet20, mypkg.models:make_net, or the path of a stage's model/ folder")
     _add_cwd_to_path()
     try:
@@ -188,7 +190,8 @@ def _read_state(path: Path, map_location: Any = "cpu") -> dict[str, torch.Tensor
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"checkpoint '{path}' is not a state dict", "save it with torch.save(model.state_dict(), path)")
+        raise InputError(f"checkpoint '{path}' is not a state dict",
+                         "save it with torch.save(model.state_dict(), path)")
     if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
     return state

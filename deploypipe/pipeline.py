@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import tempfile
 import time
 import traceback
 from contextlib import contextmanager
@@ -36,13 +37,14 @@ import numpy as np
 import torch
 import yaml
 
-from .config import PipelineConfig, validate
+from .config import PipelineConfig
 from .data import Splits, load_data
 from .errors import InputError, StageFailed
 from .models import (ModelRecord, check_fits_data, content_hash, factory_source, is_model_dir, load_model,
                      model_from_spec, read_record, save_model)
-from .stage import StageContext, StageDef, StageResult, launched_ranks, load_stages
-from .tracking import Tracker, check_reachable, default_uri, resolve_uri
+from .distributed import barrier, init_process_group, launched_ranks
+from .stage import NullTracker, StageContext, StageDef, StageResult, load_stages
+from .tracking import StageTracker, Tracker, check_reachable, default_uri, resolve_uri
 
 
 @dataclass
@@ -76,6 +78,22 @@ class PipelineSummary:
                 "tracking_seconds": round(self.tracking_seconds, 3), "tracking_calls": self.tracking_calls,
                 "tracking_setup_seconds": round(self.tracking_setup_seconds, 3),
                 "stages": [vars(s) for s in self.stages]}
+
+
+@dataclass
+class RunOptions:
+    """How to run a pipeline: what the command line adds to the YAML (one object, not ten arguments)."""
+
+    workdir: Path = Path("runs")          # MLflow store (mlflow.db, mlartifacts/) and default outputs
+    out_dir: Optional[Path] = None        # default <workdir>/<pipeline name>
+    tracking_uri: Optional[str] = None    # else MLFLOW_TRACKING_URI, the YAML's tracking.uri, local sqlite
+    experiment: Optional[str] = None      # overrides the YAML's tracking.experiment
+    device: Optional[str] = None          # overrides the YAML's device
+    seed: Optional[int] = None            # overrides the YAML's seed
+    only: Optional[list[str]] = None      # run only these stage ids (earlier ones must be finished)
+    force: bool = False                   # rerun stages even when finished with the same key
+    show_progress: bool = True
+    where: str = "pipeline"               # names the source of the config in error messages
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,36 +161,35 @@ class Pipeline:
     folded into ``self.cfg`` so what is logged is what ran.
     """
 
-    def __init__(self, cfg: PipelineConfig, workdir: Path, *, out_dir: Optional[Path] = None, tracking_uri: Optional[str] = None,
-                 experiment: Optional[str] = None, device: Optional[str] = None, seed: Optional[int] = None,
-                 show_progress: bool = True, where: str = "pipeline"):
+    def __init__(self, cfg: PipelineConfig, options: Optional[RunOptions] = None):
+        options = options or RunOptions()
+        self.options = options
+        where = options.where
         registry = load_stages()
-        overrides: dict[str, Any] = {k: v for k, v in (("seed", seed), ("device", device)) if v is not None}
-        if experiment:
-            overrides["tracking"] = cfg.tracking.model_copy(update={"experiment": experiment})
+        overrides: dict[str, Any] = {k: v for k, v in (("seed", options.seed), ("device", options.device))
+                                     if v is not None}
+        if options.experiment:
+            overrides["tracking"] = cfg.tracking.model_copy(update={"experiment": options.experiment})
         self.cfg = cfg = cfg.model_copy(update=overrides)
-        self.workdir = Path(workdir)
-        self.out_dir = Path(out_dir) if out_dir else self.workdir / cfg.name
-        self.rank, self.world_size = launched_ranks()
-        if self.world_size > 1:  # torchrun: each rank its own output folder (and MLflow run), merged afterwards
-            self.out_dir = self.out_dir / f"rank{self.rank}"
+        self.workdir = Path(options.workdir)
+        self.out_dir = Path(options.out_dir) if options.out_dir else self.workdir / cfg.name
         self.seed = cfg.seed
-        self.show_progress = show_progress
+        self.show_progress = options.show_progress
         self.stage_defs: list[tuple[Any, StageDef, Any]] = []
         for i, entry in enumerate(cfg.stages):
             if entry.stage not in registry:
                 raise InputError(f"{where}: stages[{i}] names unknown stage '{entry.stage}'",
                                  f"use one of: {', '.join(sorted(registry))} (see 'deploypipe stages')")
             sdef = registry[entry.stage]
-            if self.world_size > 1 and not sdef.splits_over_ranks:
-                able = ", ".join(sorted(n for n, d in registry.items() if d.splits_over_ranks))
-                raise InputError(f"{where}: stage '{entry.stage}' does not split its work over torchrun's "
-                                 f"{self.world_size} ranks (every rank would redo all of it)",
-                                 f"run it without torchrun; under torchrun run only: {able}")
-            typed = validate(sdef.config, entry.config, where, prefix=f"stages[{i}].{entry.stage}")
+            typed = entry.typed(sdef.config, where, prefix=f"stages[{i}].{entry.stage}")
             self.stage_defs.append((entry, sdef, typed))
+        self.rank, self.world_size = launched_ranks()
+        self.mode = self._distributed_mode(registry, where)
+        if self.mode == "shards":  # torchrun: each rank its own output folder (and MLflow run), merged afterwards
+            self.out_dir = self.out_dir / f"rank{self.rank}"
+        self.writes = self.mode != "ddp" or self.rank == 0  # DDP training: rank 0 alone writes and logs
         self.device = resolve_device(cfg.device)
-        self.uri = resolve_uri(tracking_uri, cfg.tracking.uri, self.workdir)
+        self.uri = resolve_uri(options.tracking_uri, cfg.tracking.uri, self.workdir)
         if self.uri != default_uri(self.workdir):  # the default store is created with the work directory
             check_reachable(self.uri)
         self.data: Splits = load_data(cfg.data)
@@ -182,6 +199,29 @@ class Pipeline:
         self.model, self.record = model_from_spec(cfg.model, self.data.input_shape, self.data.num_classes, mean, std,
                                                   fits=fits)
         self.input_hash = _spec_hash(cfg)
+
+    def _distributed_mode(self, registry: dict[str, StageDef], where: str) -> str:
+        """"single" outside torchrun; under it "shards" (every stage splits its work over the ranks,
+        each rank writing its own folder) or "ddp" (every stage trains with DistributedDataParallel)."""
+        if self.world_size == 1:
+            return "single"
+        modes = {sdef.distributed for _, sdef, _ in self.stage_defs}
+        if "none" in modes:
+            stage = next(e.stage for e, sdef, _ in self.stage_defs if sdef.distributed == "none")
+            able = ", ".join(sorted(n for n, d in registry.items() if d.distributed != "none"))
+            raise InputError(f"{where}: stage '{stage}' does not split its work over torchrun's "
+                             f"{self.world_size} ranks (every rank would redo all of it)",
+                             f"run it without torchrun; under torchrun run only: {able}")
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if "ddp" in modes and missing:
+            raise InputError(f"{where}: WORLD_SIZE is {self.world_size} but {' and '.join(missing)} not set, so the "
+                             "ranks cannot meet", "start the ranks with torchrun (it sets them), e.g. torchrun "
+                             "--nproc-per-node 2 -m deploypipe train ...")
+        if len(modes) > 1:
+            raise InputError(f"{where}: under torchrun a pipeline either trains (train, sparsify, distill: the ranks "
+                             "train one model) or shards (certify: each rank its share), not both",
+                             "run the training and the certification as two torchrun commands")
+        return modes.pop()
 
     def fed_shape(self, sdef: StageDef, typed: Any) -> tuple[int, ...]:
         """The image shape a stage feeds its input model: the data's, or what the stage's hook says
@@ -197,7 +237,8 @@ class Pipeline:
         except InputError as err:
             raise InputError(f"stage '{entry.id}' feeds its model images of shape {shape}, but the model it gets "
                              f"takes the images stage '{before[0]}' fed it, {before[1]} ({err.problem})",
-                             f"leave '{entry.id}' out of this pipeline, or run it on a model for {shape} images") from None
+                             f"leave '{entry.id}' out of this pipeline, or run it on a model for {shape} "
+                             "images") from None
 
     def stage_key(self, entry: Any, typed: Any, input_hash: str) -> str:
         return _hash({"stage": entry.stage, "config": typed.model_dump(mode="json"), "input": input_hash,
@@ -208,7 +249,8 @@ class Pipeline:
         ids = [e.id for e, _, _ in self.stage_defs]
         for name in only or []:
             if name not in ids:
-                raise InputError(f"--stage {name}: no stage with that id in the pipeline", f"use one of: {', '.join(ids)}")
+                raise InputError(f"--stage {name}: no stage with that id in the pipeline",
+                                 f"use one of: {', '.join(ids)}")
         input_hash = self.input_hash
         for entry, _, typed in self.stage_defs:
             done = _read_result(self.out_dir / entry.id)
@@ -222,29 +264,44 @@ class Pipeline:
             else:
                 return  # from here on, stages run
 
-    def run(self, only: Optional[list[str]] = None, force: bool = False) -> PipelineSummary:
+    def run(self) -> PipelineSummary:
+        only, force = self.options.only, self.options.force
         self._check_selection(only, force)
+        if self.mode == "ddp":
+            init_process_group(self.device)
+        if not self.writes:  # a DDP rank > 0: computes with rank 0, writes nothing
+            barrier()  # rank 0 has its folders and lock
+            return self._run_locked(only, force)
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise InputError(f"cannot create the work directory: {err}", "choose a writable --workdir / --out") from None
+            raise InputError(f"cannot create the work directory: {err}",
+                             "choose a writable --workdir / --out") from None
         with _exclusive(self.out_dir):
+            if self.mode == "ddp":
+                barrier()
             return self._run_locked(only, force)
 
     def _run_locked(self, only: Optional[list[str]], force: bool) -> PipelineSummary:
         ids = [e.id for e, _, _ in self.stage_defs]
         last_selected = [i for i in ids if i in only][-1] if only else None
         t_start = time.perf_counter()
-        for stale in [*self.out_dir.glob(".*.partial-*"), *self.out_dir.glob(".*.old-*")]:  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        with _exclusive(self.workdir, ".tracking.lock", wait=True):  # torchrun ranks: one creates the store
-            tracker = Tracker(self.uri, self.cfg.tracking.experiment, self.workdir / "mlartifacts")
-        ranks = {"deploypipe.rank": f"{self.rank}/{self.world_size}"} if self.world_size > 1 else {}
-        tracker.start_pipeline(self.cfg.name + (f" rank {self.rank}" if ranks else ""), self.cfg.model_dump(mode="json"),
-                               tags={"deploypipe.outputs": str(self.out_dir.resolve()), **ranks})
-        (self.out_dir / "pipeline.yaml").write_text(self.cfg.to_yaml())
-        tracker.log_artifact(self.out_dir / "pipeline.yaml")
+        if self.writes:
+            for stale in [*self.out_dir.glob(".*.partial-*"), *self.out_dir.glob(".*.old-*")]:  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
+            with _exclusive(self.workdir, ".tracking.lock", wait=True):  # torchrun ranks: one creates the store
+                tracker = Tracker(self.uri, self.cfg.tracking.experiment, self.workdir / "mlartifacts")
+            ranks = {"deploypipe.rank": f"{self.rank}/{self.world_size}"} if self.mode == "shards" else {}
+            if self.mode == "ddp":
+                ranks = {"deploypipe.ddp_ranks": str(self.world_size)}
+            name = self.cfg.name + (f" rank {self.rank}" if self.mode == "shards" else "")
+            tracker.start_pipeline(name, self.cfg.model_dump(mode="json"),
+                                   tags={"deploypipe.outputs": str(self.out_dir.resolve()), **ranks})
+            (self.out_dir / "pipeline.yaml").write_text(self.cfg.to_yaml())
+            tracker.log_artifact(self.out_dir / "pipeline.yaml")
+        else:
+            tracker = _SilentTracker()
         model, record, input_hash = self.model, self.record, self.input_hash
         input_tags = {"deploypipe.input_model": self.cfg.model.spec}  # which checkpoint each stage consumed
         previous: dict[str, StageResult] = {}
@@ -266,8 +323,8 @@ class Pipeline:
                     done = _read_result(final)
                 before = (entry.id, shape)
                 outcomes.append(outcome)
-                previous[entry.id] = StageResult(metrics=outcome.metrics,
-                                                 artifacts=sorted(p for p in final.iterdir() if p.name != "result.json"))
+                files = sorted(p for p in final.iterdir() if p.name != "result.json")
+                previous[entry.id] = StageResult(metrics=outcome.metrics, artifacts=files)
                 if done.get("model"):
                     model, record = load_model(final / "model"), read_record(final / "model")
                     input_hash = done["model_hash"]
@@ -281,7 +338,8 @@ class Pipeline:
             raise
         finally:
             tracker.end_pipeline(status)
-        return PipelineSummary(self.cfg.name, str(self.out_dir), self.uri, tracker.experiment_id, tracker.run_id, outcomes,
+        return PipelineSummary(self.cfg.name, str(self.out_dir), self.uri, tracker.experiment_id, tracker.run_id,
+                               outcomes,
                                tracker.seconds, tracker.setup_seconds, tracker.calls, time.perf_counter() - t_start)
 
     def _record_skip(self, tracker: Tracker, entry: Any, typed: Any, final: Path, done: dict,
@@ -290,7 +348,7 @@ class Pipeline:
                            tags={"deploypipe.skipped": "true", "deploypipe.resumed_from": done.get("run_id", ""),
                                  **input_tags})
         st.log_summary(done.get("metrics", {}))
-        if not done.get("tracked", True):  # finished earlier while MLflow was failing: upload now
+        if not done.get("tracked", True) and self.writes:  # finished earlier while MLflow was failing: upload now
             st.log_artifacts(final)
             _write_result(final, {**done, "tracked": True})
         st.end("FINISHED")
@@ -301,14 +359,19 @@ class Pipeline:
                    model: torch.nn.Module, record: ModelRecord, previous: dict,
                    input_tags: dict[str, str]) -> StageOutcome:
         final = self.out_dir / entry.id
-        tmp = self.out_dir / f".{entry.id}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         work = self.out_dir / ".work" / entry.id
-        if _read_key(work) != key:  # scratch of another config is of no use
-            shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "key").write_text(key)
+        if self.writes:
+            tmp = self.out_dir / f".{entry.id}.partial-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            if _read_key(work) != key:  # scratch of another config is of no use
+                shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "key").write_text(key)
+        else:  # a DDP rank > 0: its files are thrown away; rank 0's checkpoints in ``work`` are shared
+            tmp = Path(tempfile.mkdtemp(prefix=f"deploypipe-{entry.id}-rank{self.rank}-"))
+        if self.mode == "ddp":
+            barrier()  # rank 0 has prepared the shared work directory
         config = typed.model_dump(mode="json")
         st = tracker.stage(entry.id, entry.stage, config, tags=input_tags)
         (tmp / "config.yaml").write_text(yaml.safe_dump({entry.stage: config}, sort_keys=False))
@@ -319,6 +382,14 @@ class Pipeline:
                            rank=self.rank, world_size=self.world_size)
         seed_everything(self.seed)
         t0 = time.perf_counter()
+        if not self.writes:
+            try:
+                result = sdef.run(ctx, typed)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            barrier()  # rank 0 has written the stage's folder
+            return StageOutcome(entry.id, entry.stage, "ran", time.perf_counter() - t0, result.metrics, str(final),
+                                str(final / "model") if result.model is not None else None)
         try:
             result = sdef.run(ctx, typed)
             seconds = time.perf_counter() - t0
@@ -332,6 +403,8 @@ class Pipeline:
             shutil.rmtree(tmp, ignore_errors=True)
             st.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
                    error="".join(traceback.format_exception_only(type(err), err)).strip())
+            if InputError.is_for_user(err):  # a method's message about its input: one line, exit 2
+                raise InputError.from_error(err, f"stage '{entry.id}'") from None
             if isinstance(err, (KeyboardInterrupt, InputError)):
                 raise
             raise StageFailed(entry.id, err) from err
@@ -350,8 +423,25 @@ class Pipeline:
                 f"finished, outputs kept in {final}, but logging to MLflow failed ({err}); "
                 "rerun the pipeline to upload them")) from err
         _write_result(final, {**out, "tracked": True})
+        if self.mode == "ddp":
+            barrier()  # the other ranks read this stage's folder next
         return StageOutcome(entry.id, entry.stage, "ran", seconds, result.metrics, str(final),
                             str(final / "model") if result.model is not None else None, st.run_id)
+
+
+class _SilentTracker:
+    """The pipeline-level tracker of a DDP rank > 0: rank 0 alone logs."""
+
+    experiment_id, run_id, seconds, setup_seconds, calls = "", None, 0.0, 0.0, 0
+
+    def stage(self, *args: Any, **kwargs: Any) -> NullTracker:
+        return NullTracker()
+
+    def log_artifact(self, *args: Any) -> None:
+        pass
+
+    def end_pipeline(self, status: str) -> None:
+        pass
 
 
 def _write_result(stage_dir: Path, result: dict) -> None:
@@ -387,3 +477,38 @@ def _read_key(work: Path) -> Optional[str]:
         return (work / "key").read_text()
     except OSError:
         return None
+
+
+@contextmanager
+def standalone_run(name: str, config: dict, tags: dict[str, str], workdir: Path, tracking_uri: Optional[str],
+                   experiment: str) -> Iterator[StageTracker]:
+    """The MLflow run of a command that is not a pipeline (e.g. certify-merge): started before the
+    command writes anything, so a store that cannot take it stops the command with nothing written;
+    FINISHED when the block ends, FAILED when it raises. Yields the run's tracker (metrics, artifacts)."""
+    workdir = Path(workdir)
+    uri = resolve_uri(tracking_uri, None, workdir)
+    try:
+        if uri == default_uri(workdir):
+            workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{name} --workdir {workdir} cannot be created ({err.strerror})",
+                         "give a writable --workdir, or --tracking-uri") from None
+    check_reachable(uri)
+    try:
+        tracker = Tracker(uri, experiment, workdir / "mlartifacts")
+        run_id = tracker.start_pipeline(name, config, tags=tags)
+    except Exception as err:
+        raise InputError(f"the MLflow store {uri} could not start a run ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:120] if str(err) else ''})",
+                         "check the tracking store, or give another --tracking-uri / --workdir") from None
+    run = StageTracker(tracker, run_id)
+    try:
+        yield run
+        run.flush()
+    except BaseException as err:
+        try:
+            tracker.end_pipeline("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        except Exception:  # the store itself failed: the original error says more
+            pass
+        raise
+    tracker.end_pipeline("FINISHED")

@@ -36,5 +36,9 @@ def progress(items: Iterable[T], total: Optional[int] = None, description: str =
 
 
 def log(message: str) -> None:
-    """A progress line for humans, on stderr (stdout stays clean for --json)."""
-    print(message, file=sys.stderr, flush=True)
+    """A progress line for humans, on stderr (stdout stays clean for --json); under torchrun only
+    rank 0 speaks."""
+    from .distributed import launched_ranks
+
+    if launched_ranks()[0] == 0:
+        print(message, file=sys.stderr, flush=True)

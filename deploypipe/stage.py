@@ -20,7 +20,7 @@ import pkgutil
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from pydantic import BaseModel
@@ -53,8 +53,8 @@ class StageContext:
     seed: int
     previous: dict[str, StageResult] = field(default_factory=dict)
     show_progress: bool = True
-    rank: int = 0        # under torchrun: this process's rank and the number of ranks (stages that
-    world_size: int = 1  # split their work, e.g. certify, take their share; see launched_ranks)
+    rank: int = 0        # under torchrun: this process's rank and the number of ranks (a "shards"
+    world_size: int = 1  # stage takes its share; a "ddp" stage trains together, rank 0 alone writes)
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         self.tracker.log_metrics(metrics, step=step)
@@ -76,13 +76,42 @@ class StageContext:
         return path
 
 
+class NullTracker:
+    """What a stage logs on a torchrun rank other than 0 of a training stage: nothing."""
+
+    run_id = None
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        pass
+
+    def log_summary(self, metrics: dict[str, float]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_artifacts(self, directory: Path) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def end(self, status: str, error: Optional[str] = None) -> None:
+        pass
+
+
+Distributed = Literal["none", "shards", "ddp"]
+
+
 @dataclass
 class StageDef:
     name: str
     config: type[BaseModel]
     run: Callable[[StageContext, BaseModel], StageResult]
     help: str
-    splits_over_ranks: bool = False  # runs under torchrun, each rank doing its share (ctx.rank / ctx.world_size)
+    # under torchrun: "shards" = each rank does its share into its own folder (ctx.rank / ctx.world_size);
+    # "ddp" = the ranks train one model together (DistributedDataParallel), rank 0 writes; "none" = refused
+    distributed: Distributed = "none"
     # the image shape the stage feeds its input model, given its config and the data's shape (default: the data's)
     model_input_shape: Optional[Callable[[Any, tuple[int, ...]], tuple[int, ...]]] = None
 
@@ -97,11 +126,12 @@ def register_command(command: Any) -> Any:
     return command
 
 
-def register(name: str, help: str = "", splits_over_ranks: bool = False,
+def register(name: str, help: str = "", distributed: Distributed = "none",
              model_input_shape: Optional[Callable[[Any, tuple[int, ...]], tuple[int, ...]]] = None) -> Callable:
     """Register a stage; its config schema is the type of the run function's ``cfg`` argument.
-    ``splits_over_ranks``: the stage divides its work by ``ctx.rank`` / ``ctx.world_size``, so it may
-    run under torchrun (other stages are refused there: every rank would redo all of it).
+    ``distributed``: what the stage does under torchrun — "shards" (divides its work by ``ctx.rank`` /
+    ``ctx.world_size``, each rank writing its own folder), "ddp" (trains with DistributedDataParallel;
+    rank 0 alone writes and logs), or "none" (refused there: every rank would redo all of it).
     ``model_input_shape(cfg, data_shape)``: the image shape the stage feeds its input model when that
     is not the data's (DRS certification: half-images); a pipeline's model is checked against it."""
 
@@ -110,23 +140,11 @@ def register(name: str, help: str = "", splits_over_ranks: bool = False,
         cfg_type = hints.get("cfg")
         if not (isinstance(cfg_type, type) and issubclass(cfg_type, BaseModel)):
             raise TypeError(f"stage '{name}': run(ctx, cfg) must annotate cfg with a pydantic model")
-        REGISTRY[name] = StageDef(name, cfg_type, fn, help or (fn.__doc__ or "").strip().split("\n")[0], splits_over_ranks,
-                                  model_input_shape)
+        REGISTRY[name] = StageDef(name, cfg_type, fn, help or (fn.__doc__ or "").strip().split("\n")[0],
+                                  distributed, model_input_shape)
         return fn
 
     return deco
-
-
-def launched_ranks() -> tuple[int, int]:
-    """(rank, world size) when started by torchrun (or any launcher setting RANK and WORLD_SIZE), else (0, 1)."""
-    import os
-
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0, 1
-    return (rank, world) if world > 1 and 0 <= rank < world else (0, 1)
 
 
 def load_stages() -> dict[str, StageDef]:

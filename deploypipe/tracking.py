@@ -169,7 +169,8 @@ class Tracker:
     def start_pipeline(self, name: str, config: dict, tags: Optional[dict] = None) -> str:
         self.versions = version_tags()
         run = self.call("create_run", self.experiment_id, run_name=name,
-                        tags={"deploypipe.pipeline": name, "deploypipe.kind": "pipeline", **self.versions, **(tags or {})})
+                        tags={"deploypipe.pipeline": name, "deploypipe.kind": "pipeline", **self.versions,
+                              **(tags or {})})
         self.run_id = run.info.run_id
         self._log_params(self.run_id, config)
         return self.run_id

@@ -34,7 +34,8 @@ def _accumulator(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)  # float32, or float64 for float64 tensors
 
 
-def decayed_weight(w: torch.Tensor, n: int, m: int, alpha: float, backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def decayed_weight(w: torch.Tensor, n: int, m: int, alpha: float,
+                   backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     check_groups(w, n, m)
     if not use_triton(w, backend):
         return decayed_weight_reference(w, n, m, alpha)
@@ -43,7 +44,8 @@ def decayed_weight(w: torch.Tensor, n: int, m: int, alpha: float, backend: Backe
     return decayed_weight_triton(w, n, m, alpha)
 
 
-def srste_grad(g: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, lam: float, backend: Backend = "auto") -> torch.Tensor:
+def srste_grad(g: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, lam: float,
+               backend: Backend = "auto") -> torch.Tensor:
     if not use_triton(g, backend):
         return srste_grad_reference(g, w, mask, lam)
     from .effective_weight_triton import srste_grad_triton

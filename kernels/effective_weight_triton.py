@@ -37,7 +37,8 @@ def _srste_grad_kernel(g_ptr, w_ptr, mask_ptr, out_ptr, numel, lam, BLOCK: tl.co
 
 
 def decayed_weight_triton(w: torch.Tensor, n: int, m: int, alpha: float,
-                          out: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          out: torch.Tensor | None = None,
+                          mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(W ⊙ (m + (1 − m)α), m) in one pass; ``out``/``mask`` (uint8) may be given to write into."""
     check_groups(w, n, m)
     w = w.contiguous()

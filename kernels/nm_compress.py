@@ -32,7 +32,8 @@ def nm_decompress(values: torch.Tensor, positions: torch.Tensor, n: int, m: int)
     """The dense (rows, K) weight back from (values, positions)."""
     rows, kept = values.shape
     if positions.shape != values.shape or kept % n:
-        raise ValueError(f"values {tuple(values.shape)} and positions {tuple(positions.shape)} do not form {n}:{m} groups")
+        raise ValueError(f"values {tuple(values.shape)} and positions {tuple(positions.shape)} do not form {n}:{m} "
+                         "groups")
     dense = torch.zeros(rows * kept // n, m, dtype=values.dtype, device=values.device)
     dense.scatter_(1, positions.reshape(-1, n).long(), values.reshape(-1, n))
     return dense.reshape(rows, kept // n * m)

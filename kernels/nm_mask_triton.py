@@ -45,5 +45,6 @@ def nm_mask_triton(w: torch.Tensor, n: int, m: int, out: Optional[torch.Tensor] 
         out = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
     num_groups = w.numel() // m
     block = group_block(m)
-    _nm_mask_kernel[(triton.cdiv(num_groups, block),)](w, out, num_groups, N=n, M=m, MP=next_power_of_2(m), BLOCK_G=block)
+    grid = (triton.cdiv(num_groups, block),)
+    _nm_mask_kernel[grid](w, out, num_groups, N=n, M=m, MP=next_power_of_2(m), BLOCK_G=block)
     return out.view(torch.bool)

@@ -43,7 +43,8 @@ def semi_structured_pack(w: torch.Tensor, backend: Backend = "auto") -> tuple[to
     rows, k = w.shape
     block = 32 if word_bits == 16 else 16
     if rows % block or k % (8 * per_word):  # metadata words come in interleaved column pairs
-        raise ValueError(f"the CUTLASS 2:4 layout needs rows % {block} == 0 and K % {8 * per_word} == 0, got {rows}x{k}")
+        raise ValueError(f"the CUTLASS 2:4 layout needs rows % {block} == 0 and K % {8 * per_word} == 0, "
+                         f"got {rows}x{k}")
     values, positions = nm_compress(w, 2, 4, backend)
     p = positions.to(torch.int64).reshape(rows, k // 4, 2)
     codes = (p[..., 0] | (p[..., 1] << 2)).reshape(rows, -1, per_word)

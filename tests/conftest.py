@@ -21,6 +21,10 @@ import pytest
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
+# `python -m pytest` from the checkout puts its root on sys.path, where the top-level folders stages/ and
+# kernels/ would shadow installed packages of those names (transformers imports the PyPI `kernels`);
+# deploypipe itself is imported through its installed package mapping, as a user's code imports it
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,10 @@ def cases(tmp_path):
         "bad decay": (["sparsify", "--model", "zoo:digits_cnn", "--data", "digits", "--decay", "cubic:1"], "is not a decay"),
         "check-sparsity missing file": (["check-sparsity", "missing.onnx", "--pattern", "2:4"], "does not exist"),
         "check-sparsity ONNX without pattern": (["check-sparsity", write(tmp_path, "m.onnx", "x")], "needs the pattern"),
+        "flag value out of range": (["quantize", "--model", "zoo:digits_cnn", "--weight-bits", "9"], "--weight-bits 9:"),
+        "data flag out of range": (["quantize", "--model", "zoo:digits_cnn", "--calib-size", "0"], "--calib-size 0:"),
+        "flags that do not go together": (["quantize", "--model", "zoo:digits_cnn", "--budget", "0.1"],
+                                          "budget need(s) bit_candidates"),
     }
 
 
@@ -64,7 +68,8 @@ CASE_NAMES = ["missing config", "yaml syntax", "unknown stage", "unknown key", "
               "missing model folder", "missing checkpoint", "checkpoint mismatch", "missing data path",
               "empty dataset folder", "empty train folder", "unreachable tracking server", "unknown CLI option",
               "bad option value", "unknown device", "ui without a store", "bad N:M pattern", "SDGF schedule off target",
-              "bad decay", "check-sparsity missing file", "check-sparsity ONNX without pattern"]
+              "bad decay", "check-sparsity missing file", "check-sparsity ONNX without pattern",
+              "flag value out of range", "data flag out of range", "flags that do not go together"]
 
 
 # one of each kind of check: the config file, the command line, the tracking server, the checkpoint, a stage option
@@ -87,4 +92,5 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case):
     assert lines[0].startswith("error: ") and expected in lines[0], (case, lines[0])
     assert "Traceback" not in stderr
     assert " fix: " in lines[0] or "--help" in lines[0], lines[0]
+    assert "stages[0]" not in lines[0] or args[0] == "run", lines[0]  # a stage command names the flag typed
     assert not (tmp_path / "runs").exists(), "bad input must not leave a work directory behind"

@@ -10,7 +10,7 @@ from pydantic import Field
 from deploypipe.config import PipelineConfig, Schema, validate
 from deploypipe.errors import InputError, StageFailed
 from deploypipe.models import load_model
-from deploypipe.pipeline import Pipeline
+from deploypipe.pipeline import Pipeline, RunOptions
 from deploypipe.stage import StageContext, StageResult, register
 
 
@@ -44,14 +44,14 @@ def runs_of(workdir, run_id):
 
 def test_handoff_and_resume_skips_unchanged_stages(workdir):
     cfg = config([TRAIN, {"evaluate": {"latency_repeats": 2}}])
-    s1 = Pipeline(cfg, workdir, show_progress=False).run()
+    s1 = Pipeline(cfg, RunOptions(workdir, show_progress=False)).run()
     assert [o.status for o in s1.stages] == ["ran", "ran"]
     # evaluate saw the trained model: its accuracy equals the train stage's final test accuracy
     assert s1.stages[1].metrics["test_top1"] == pytest.approx(s1.stages[0].metrics["test_top1"])
     model_file = workdir / "p" / "train" / "model" / "weights.pt"
     mtime = model_file.stat().st_mtime_ns
 
-    s2 = Pipeline(cfg, workdir, show_progress=False).run()
+    s2 = Pipeline(cfg, RunOptions(workdir, show_progress=False)).run()
     assert [o.status for o in s2.stages] == ["skipped", "skipped"]
     assert model_file.stat().st_mtime_ns == mtime
     _, parent, children = runs_of(workdir, s2.run_id)
@@ -59,11 +59,11 @@ def test_handoff_and_resume_skips_unchanged_stages(workdir):
 
     # a changed evaluate config reruns only evaluate; a changed train config reruns both
     cfg3 = config([TRAIN, {"evaluate": {"latency_repeats": 3}}])
-    assert [o.status for o in Pipeline(cfg3, workdir, show_progress=False).run().stages] == ["skipped", "ran"]
+    assert [o.status for o in Pipeline(cfg3, RunOptions(workdir, show_progress=False)).run().stages] == ["skipped", "ran"]
     cfg4 = config([{"train": {**TRAIN["train"], "epochs": 3}}, {"evaluate": {"latency_repeats": 3}}])
-    assert [o.status for o in Pipeline(cfg4, workdir, show_progress=False).run().stages] == ["ran", "ran"]
+    assert [o.status for o in Pipeline(cfg4, RunOptions(workdir, show_progress=False)).run().stages] == ["ran", "ran"]
     # --force reruns; --stage runs one stage on the earlier stage's finished output
-    s5 = Pipeline(cfg4, workdir, show_progress=False).run(only=["evaluate"], force=True)
+    s5 = Pipeline(cfg4, RunOptions(workdir, only=["evaluate"], force=True, show_progress=False)).run()
     assert [o.status for o in s5.stages] == ["skipped", "ran"]
     # the skipped train stage handed its saved model on
     assert s5.stages[1].metrics["test_top1"] == pytest.approx(s5.stages[0].metrics["test_top1"])
@@ -72,17 +72,17 @@ def test_handoff_and_resume_skips_unchanged_stages(workdir):
 def test_stage_selection_needs_finished_predecessors(workdir):
     cfg = config([TRAIN, {"evaluate": {"latency_repeats": 2}}])
     with pytest.raises(InputError, match="no finished output"):
-        Pipeline(cfg, workdir, show_progress=False).run(only=["evaluate"])
+        Pipeline(cfg, RunOptions(workdir, only=["evaluate"], show_progress=False)).run()
     with pytest.raises(InputError, match="no stage with that id"):
-        Pipeline(cfg, workdir, show_progress=False).run(only=["nope"])
-    s = Pipeline(cfg, workdir, show_progress=False).run(only=["train"])
+        Pipeline(cfg, RunOptions(workdir, only=["nope"], show_progress=False)).run()
+    s = Pipeline(cfg, RunOptions(workdir, only=["train"], show_progress=False)).run()
     assert [o.id for o in s.stages] == ["train"]  # later stages are not run
 
 
 def test_crash_mid_stage_keeps_earlier_artifacts(workdir):
     cfg = config([TRAIN, {"explode-test": {}}])
     with pytest.raises(StageFailed, match="boom"):
-        Pipeline(cfg, workdir, show_progress=False).run()
+        Pipeline(cfg, RunOptions(workdir, show_progress=False)).run()
     out = workdir / "p"
     assert json.loads((out / "train" / "result.json").read_text())["model"] is True
     load_model(out / "train" / "model")  # intact and reloadable
@@ -97,16 +97,16 @@ def test_crash_mid_stage_keeps_earlier_artifacts(workdir):
     assert "boom in the middle" in by_kind["explode-test"].data.tags["deploypipe.error"]
     # fixed config: train is skipped, the failed stage runs
     fixed = config([TRAIN, {"explode-test": {"when": "never"}}])
-    assert [o.status for o in Pipeline(fixed, workdir, show_progress=False).run().stages] == ["skipped", "ran"]
+    assert [o.status for o in Pipeline(fixed, RunOptions(workdir, show_progress=False)).run().stages] == ["skipped", "ran"]
 
 
 def test_interrupted_training_resumes_from_its_checkpoint(workdir, monkeypatch):
-    import deploypipe.stages.train.stage as train_stage
+    from deploypipe.training import Trainer
 
     cfg = config([{"train": {**TRAIN["train"], "epochs": 3}}])
-    straight = Pipeline(cfg, workdir, out_dir=workdir / "straight", show_progress=False).run()
+    straight = Pipeline(cfg, RunOptions(workdir, out_dir=workdir / "straight", show_progress=False)).run()
 
-    real = train_stage.train_epoch
+    real = Trainer._epoch
     calls = {"n": 0}
 
     def crash_on_second_epoch(*a, **k):
@@ -115,9 +115,9 @@ def test_interrupted_training_resumes_from_its_checkpoint(workdir, monkeypatch):
             raise RuntimeError("power cut")
         return real(*a, **k)
 
-    monkeypatch.setattr(train_stage, "train_epoch", crash_on_second_epoch)
+    monkeypatch.setattr(Trainer, "_epoch", crash_on_second_epoch)
     with pytest.raises(StageFailed, match="power cut"):
-        Pipeline(cfg, workdir, out_dir=workdir / "crashy", show_progress=False).run()
+        Pipeline(cfg, RunOptions(workdir, out_dir=workdir / "crashy", show_progress=False)).run()
     assert (workdir / "crashy" / ".work" / "train" / "checkpoint.pt").is_file()
     resumed_calls = {"n": 0}
 
@@ -125,8 +125,8 @@ def test_interrupted_training_resumes_from_its_checkpoint(workdir, monkeypatch):
         resumed_calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(train_stage, "train_epoch", counting)
-    resumed = Pipeline(cfg, workdir, out_dir=workdir / "crashy", show_progress=False).run()
+    monkeypatch.setattr(Trainer, "_epoch", counting)
+    resumed = Pipeline(cfg, RunOptions(workdir, out_dir=workdir / "crashy", show_progress=False)).run()
     assert resumed_calls["n"] == 2  # epochs 2 and 3 only: epoch 1 came from the checkpoint
     epochs = (workdir / "crashy" / "train" / "epochs.csv").read_text().splitlines()
     assert len(epochs) == 1 + 3  # header + the epoch from before the crash + two after it
@@ -140,11 +140,11 @@ def test_interrupted_training_resumes_from_its_checkpoint(workdir, monkeypatch):
 
 def test_unknown_stage_and_bad_stage_option(workdir):
     with pytest.raises(InputError, match="unknown stage 'trian'.*evaluate"):
-        Pipeline(config([{"trian": {}}]), workdir)
+        Pipeline(config([{"trian": {}}]), RunOptions(workdir))
     with pytest.raises(InputError, match=r"stages\[0\].train.epocs: unknown key \(did you mean 'epochs'\?\)"):
-        Pipeline(config([{"train": {"epocs": 3}}]), workdir)
+        Pipeline(config([{"train": {"epocs": 3}}]), RunOptions(workdir))
     with pytest.raises(InputError, match=r"stages\[0\].train.lr = 'fast'"):
-        Pipeline(config([{"train": {"lr": "fast"}}]), workdir)
+        Pipeline(config([{"train": {"lr": "fast"}}]), RunOptions(workdir))
 
 
 def test_finished_stage_survives_a_tracking_failure(workdir, monkeypatch):
@@ -158,11 +158,11 @@ def test_finished_stage_survives_a_tracking_failure(workdir, monkeypatch):
 
     monkeypatch.setattr(StageTracker, "log_artifacts", down)
     with pytest.raises(StageFailed, match="outputs kept .*logging to MLflow failed"):
-        Pipeline(cfg, workdir, show_progress=False).run()
+        Pipeline(cfg, RunOptions(workdir, show_progress=False)).run()
     result = json.loads((workdir / "p" / "train" / "result.json").read_text())
     assert result["tracked"] is False and (workdir / "p" / "train" / "model" / "weights.pt").is_file()
     monkeypatch.setattr(StageTracker, "log_artifacts", real)
-    s = Pipeline(cfg, workdir, show_progress=False).run()
+    s = Pipeline(cfg, RunOptions(workdir, show_progress=False)).run()
     assert s.stages[0].status == "skipped"  # not trained again ...
     c = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     assert "model" in {a.path for a in c.list_artifacts(s.stages[0].run_id)}  # ... but uploaded now
@@ -177,7 +177,7 @@ def test_one_run_per_output_folder(workdir):
     with open(workdir / "p" / ".lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # another run holds the folder
         with pytest.raises(InputError, match="another deploypipe run is using"):
-            Pipeline(cfg, workdir, show_progress=False).run()
+            Pipeline(cfg, RunOptions(workdir, show_progress=False)).run()
 
 
 def test_resume_key_follows_user_factory_source_and_overrides(workdir, tmp_path, monkeypatch):
@@ -186,11 +186,11 @@ def test_resume_key_follows_user_factory_source_and_overrides(workdir, tmp_path,
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = validate(PipelineConfig, {"name": "k", "model": "keyed_models:make", "data": {"source": "digits", "limit_test": 50},
                                     "stages": [{"evaluate": {"latency_repeats": 1}}]}, "test")
-    assert Pipeline(cfg, workdir, show_progress=False).run().stages[0].status == "ran"
-    assert Pipeline(cfg, workdir, show_progress=False).run().stages[0].status == "skipped"
+    assert Pipeline(cfg, RunOptions(workdir, show_progress=False)).run().stages[0].status == "ran"
+    assert Pipeline(cfg, RunOptions(workdir, show_progress=False)).run().stages[0].status == "skipped"
     mod.write_text(mod.read_text() + "# edited\n")  # the architecture's source changed
-    assert Pipeline(cfg, workdir, show_progress=False).run().stages[0].status == "ran"
-    p = Pipeline(cfg, workdir, seed=7, show_progress=False)  # a CLI override is part of what is logged and keyed
+    assert Pipeline(cfg, RunOptions(workdir, show_progress=False)).run().stages[0].status == "ran"
+    p = Pipeline(cfg, RunOptions(workdir, seed=7, show_progress=False))  # a CLI override is part of what is logged and keyed
     s = p.run()
     assert s.stages[0].status == "ran" and p.cfg.seed == 7
     assert "seed: 7" in (workdir / "k" / "pipeline.yaml").read_text()

@@ -46,7 +46,8 @@ def main() -> None:
     device = torch.device("cuda")
     from deploypipe.models import is_model_dir, load_model
     from deploypipe.stages.certify.smoothing import certify, image_generator
-    from deploypipe.stages.certify.stage import CertifyConfig, _prepare
+    from deploypipe.stages.certify.classifier import prepare as _prepare
+    from deploypipe.stages.certify.config import CertifyConfig
     from deploypipe.zoo import ZOO
 
     def fresh():

@@ -24,71 +24,19 @@ import shutil
 from pathlib import Path
 
 import click
-import yaml
-
 from pydantic import ValidationError
 
 from deploypipe.errors import InputError
+from deploypipe.pipeline import standalone_run
 from deploypipe.stage import register_command
-from deploypipe.tracking import StageTracker, Tracker, check_reachable, default_uri, resolve_uri
 
-from .stage import CertifyConfig, plot_curves, reference_metrics, select_images, summarize
+from .config import CertifyConfig
+from .outputs import comparable_settings, read_output
+from .report import plot_curves, reference_metrics, summarize
+from .runner import select_images
 
 
-FLOATS = ("radius", "seconds", "p_lower", "p_lower_right")
 MARKER = "merged_from.json"  # written by certify-merge: its --out may be replaced, nothing else is
-
-
-def _read_table(path: Path) -> list[dict]:
-    try:
-        with open(path, newline="") as fh:
-            return [{k: (float(v) if k in FLOATS else int(v)) for k, v in r.items()} for r in csv.DictReader(fh)]
-    except (ValueError, TypeError) as err:
-        raise InputError(f"'{path}' is not a certify table ({err})",
-                         "give the folders certify wrote, unedited") from None
-
-
-def _read_shard(folder: Path) -> tuple[dict, list[dict], dict, list[dict] | None]:
-    table, config = folder / "certify.csv", folder / "config.yaml"
-    if not table.is_file() or not config.is_file():
-        raise InputError(f"'{folder}' is not a certify output folder (needs certify.csv and config.yaml)",
-                         "give the <out>/certify folders the sharded runs wrote")
-    try:
-        cfg = yaml.safe_load(config.read_text())
-    except yaml.YAMLError as err:
-        raise InputError(f"'{config}' is not valid YAML ({str(err).splitlines()[0]})",
-                         "give the folders certify wrote, unedited") from None
-    cfg = cfg.get("certify", cfg) if isinstance(cfg, dict) else None
-    if not isinstance(cfg, dict):
-        raise InputError(f"'{config}' holds no certify settings", "give the folders certify wrote, unedited")
-    try:  # a torchrun rank's shard is in its result, not in its config
-        metrics = json.loads((folder / "result.json").read_text()).get("metrics", {})
-    except (OSError, ValueError):
-        metrics = {}
-    if not cfg.get("shard") and "shard_count" in metrics:
-        cfg["shard"] = f"{int(metrics['shard_index'])}/{int(metrics['shard_count'])}"
-    try:  # each shard's settings are a certify config (a valid shard i/k, radii, ...)
-        CertifyConfig.model_validate({**_settings(cfg), "shard": cfg.get("shard")})
-    except ValidationError as err:
-        e = err.errors()[0]
-        raise InputError(f"'{config}' is not a certify config ({'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']})",
-                         "give the folders certify wrote, unedited") from None
-    try:  # which seed, data and classifiers the shard certified (absent in outputs of older versions)
-        provenance = json.loads((folder / "provenance.json").read_text())
-    except (OSError, ValueError):
-        provenance = {}
-    reference = folder / "certify_reference.csv"
-    return cfg, _read_table(table), provenance, (_read_table(reference) if reference.is_file() else None)
-
-
-def _settings(config: dict) -> dict:
-    """A shard's settings as compared across shards: without the shard itself, the forward chunk
-    (which does not change the noise) and the earlier output a shard reused certificates from, and
-    with num_images null beside every (configs saved before the two became exclusive held both)."""
-    out = {k: v for k, v in config.items() if k not in ("shard", "forward_batch", "reuse")}
-    if out.get("every") is not None:
-        out["num_images"] = None
-    return out
 
 
 def merge_shards(folders: list[Path]) -> tuple[CertifyConfig, list[dict], list[dict] | None]:
@@ -98,7 +46,7 @@ def merge_shards(folders: list[Path]) -> tuple[CertifyConfig, list[dict], list[d
         raise InputError("certify-merge needs at least one shard folder", "list the shards' certify output folders")
     configs, rows, provenances, refs = [], [], [], []
     for folder in folders:
-        cfg, part, provenance, ref = _read_shard(Path(folder))
+        cfg, part, provenance, ref = read_output(Path(folder))
         configs.append(cfg)
         rows += part
         provenances.append(provenance)
@@ -108,7 +56,7 @@ def merge_shards(folders: list[Path]) -> tuple[CertifyConfig, list[dict], list[d
         diff = sorted({k for p in provenances for k in set(p) | set(known[0]) if p.get(k) != known[0].get(k)})
         raise InputError(f"the shards certified different {', '.join(diff)} (provenance.json)",
                          "merge only shards of one certify command: same seed, data and models")
-    common = [_settings(c) for c in configs]
+    common = [comparable_settings(c) for c in configs]
     # with every shard's provenance, its weight hashes say which files were certified: the same ONNX file
     # or model folder at another path (a job array's node, a copied checkout) is the same shard source
     paths = ("onnx", "reference", "model_right") if known and len(known) == len(provenances) else ()
@@ -181,7 +129,8 @@ def _write(out: Path, cfg: CertifyConfig, rows: list[dict], ref_rows: list[dict]
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, then "
               "sqlite:///<workdir>/mlflow.db)")
 @click.option("--experiment", default="deploypipe", show_default=True, help="MLflow experiment name")
-def certify_merge(shards: tuple[Path, ...], out: Path, workdir: Path, tracking_uri: str | None, experiment: str) -> None:
+def certify_merge(shards: tuple[Path, ...], out: Path, workdir: Path, tracking_uri: str | None,
+                  experiment: str) -> None:
     """Merge sharded certify outputs into one result.
 
     \b
@@ -198,37 +147,13 @@ def certify_merge(shards: tuple[Path, ...], out: Path, workdir: Path, tracking_u
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise InputError(f"certify-merge --out {out} exists and is not an earlier merge output",
                          "give a new or empty folder (an earlier certify-merge output is replaced)")
-    uri = resolve_uri(tracking_uri, None, workdir)
-    try:
-        if uri == default_uri(workdir):
-            workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"certify-merge --workdir {workdir} cannot be created ({err.strerror})",
-                         "give a writable --workdir, or --tracking-uri") from None
-    check_reachable(uri)
-    try:  # the run first: a store that cannot take it stops the merge before anything is written
-        tracker = Tracker(uri, experiment, workdir / "mlartifacts")
-        run_id = tracker.start_pipeline("certify-merge", {"certify": cfg.model_dump(mode="json"),
-                                                          "shards": [str(s) for s in shards]},
-                                        tags={"deploypipe.kind": "certify-merge", "deploypipe.stage": "certify"})
-    except Exception as err:
-        raise InputError(f"the MLflow store {uri} could not start a run ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:120] if str(err) else ''})",
-                         "check the tracking store, or give another --tracking-uri / --workdir") from None
-    try:
+    config = {"certify": cfg.model_dump(mode="json"), "shards": [str(s) for s in shards]}
+    tags = {"deploypipe.kind": "certify-merge", "deploypipe.stage": "certify"}
+    with standalone_run("certify-merge", config, tags, workdir, tracking_uri, experiment) as run:
         metrics = _write(out, cfg, rows, ref_rows, shards)
-        run = StageTracker(tracker, run_id)
         run.log_metrics(metrics)
-        run.flush()
         run.log_artifacts(out)
-    except BaseException:
-        try:
-            tracker.end_pipeline("FAILED")
-        except Exception:  # the store itself failed: the original error says more
-            pass
-        raise
-    tracker.end_pipeline("FINISHED")
     click.echo(", ".join(f"r={r:g}: {metrics[f'certified_acc_r{r:g}']:.3f}" for r in cfg.radii)
                + f"; ACR {metrics['acr']:.3f} over {len(rows)} images"
                + (f"; reference ACR {metrics['reference_acr']:.3f}, lost {metrics['acr_lost']:.3f}" if ref_rows else "")
-               + f" -> {out} (MLflow run {run_id} in {uri})")
+               + f" -> {out} (MLflow run {run.run_id} in {run.tracker.uri})")

@@ -36,8 +36,9 @@ confident at sigma / sqrt(2) than the full-image one at sigma.
 Speed: noise and votes stay on the model's device, with one host sync per image (per group of
 images when several share the forward passes: n0 + n small against ``batch_size``); batches of
 ``batch_size`` noisy copies, ``torch.inference_mode``; both DRS sides in the same passes when they
-share the model. Noise is drawn from a generator seeded by (seed, image index), in chunks that do not
-depend on the packing, so any shard or grouping of the test set reproduces the unsharded result.
+share the model. Noise is drawn from ``noise_generator(seed, "certify", image index)``
+(deploypipe.noise), in chunks that do not depend on the packing, so any shard or grouping of the
+test set reproduces the unsharded result.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import torch
 
 from deploypipe.data import diagonal_merge as merge  # noqa: F401  (re-exported: the DRS pair)
 from deploypipe.data import diagonal_split as split
+from deploypipe.noise import gaussian, noise_generator
 
 from .bounds import binom_test_two_sided_half, clopper_pearson_lower
 
@@ -64,27 +66,13 @@ def norm_ppf(p: float) -> float:
 
 def image_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
     """The noise source of one image: depends only on (seed, image index), not on the shard."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
-    return g
+    return noise_generator(seed, "certify", index, device=device)
 
 
 def side_generator(generator: torch.Generator) -> torch.Generator:
     """DRS: the right side's own noise source, derived from the image's (no device sync), so each
     side's noise is the same whether the sides run in one forward pass or two."""
-    g = torch.Generator(device=generator.device)
-    g.manual_seed(mix_seed(generator.initial_seed(), 1))
-    return g
-
-
-def mix_seed(seed: int, stream: int) -> int:
-    """A seed for stream ``stream`` derived from ``seed`` by SplitMix64's finaliser (a bijection of
-    64-bit words), so derived streams do not collide with the small seeds of ``image_generator``
-    (a plain affine map did: at seed 0 image 0's right side drew image 977's left noise)."""
-    z = (seed + 0x9E3779B97F4A7C15 * (stream + 1)) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+    return noise_generator(generator.initial_seed(), "drs-right", device=generator.device)
 
 
 Job = tuple[torch.Tensor, int, torch.Generator]  # (image C x H x W, noisy copies, its noise source)
@@ -138,7 +126,7 @@ def vote_counts(model: Classifier, jobs: list[Job], sigma: float, num_classes: i
             b = min(batch_size, remaining)
             if filled + b > batch_size:
                 flush()
-            noise = torch.randn((b, *x.shape), generator=generator, device=x.device, dtype=torch.float32) * sigma
+            noise = gaussian((b, *x.shape), sigma, generator)
             pending.append((x.unsqueeze(0) + noise, j))
             filled += b
             remaining -= b
@@ -181,7 +169,8 @@ def certify_images(model: Classifier, images: list[torch.Tensor], sigma: float, 
     out = []
     for c, kc in zip(*torch.stack([top, k]).tolist()):  # the one host sync
         p = clopper_pearson_lower(kc, n, alpha)
-        out.append(Certificate(ABSTAIN, 0.0, p, count=kc) if p <= 0.5 else Certificate(c, rs_radius(p, sigma), p, count=kc))
+        out.append(Certificate(ABSTAIN, 0.0, p, count=kc) if p <= 0.5
+                   else Certificate(c, rs_radius(p, sigma), p, count=kc))
     return out
 
 
@@ -245,3 +234,121 @@ def certify_drs(left_model: Classifier, right_model: Classifier, x: torch.Tensor
     """DRS CERTIFY for one image (see ``certify_drs_images``)."""
     return certify_drs_images(left_model, right_model, [x], sigma, n0, n, alpha, num_classes, batch_size,
                               [generator], forward_batch)[0]
+
+
+# --------------------------------------------------------------------------- the smoothed classifiers
+def _device_of(classifier: Classifier) -> torch.device:
+    params = getattr(classifier, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+class Smoothed:
+    """Cohen et al.'s smoothed classifier g(x) = argmax_c P(f(x + eps) = c), eps ~ N(0, sigma^2 I).
+
+    ``classifier`` maps a batch of [0, 1] images (N x C x H x W, float32) to logits (N x num_classes):
+    a PyTorch module (its device is used) or any callable, e.g. an ONNX Runtime session wrapper.
+    Image ``index``'s noise comes from ``noise_generator(seed, "certify", index)``; without an index,
+    calls take the next unused one, so a loop over images draws fresh noise for each.
+
+    >>> import torch
+    >>> from deploypipe import Smoothed
+    >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)).eval()
+    >>> smoothed = Smoothed(net, num_classes=10, sigma=0.25)
+    >>> x = torch.rand(3, 8, 8)
+    >>> cert = smoothed.certify(x, n0=100, n=1_000, alpha=0.001)
+    >>> cert.prediction in range(-1, 10) and cert.radius >= 0
+    True
+    """
+
+    def __init__(self, classifier: Classifier, num_classes: int, sigma: float, *, batch_size: int = 1000,
+                 forward_batch: Optional[int] = None, seed: int = 0, device: Optional[torch.device | str] = None):
+        if sigma <= 0:
+            raise ValueError(f"sigma must be > 0, got {sigma} — fix: give the noise level the classifier was trained "
+                             "for")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        self.classifier, self.num_classes, self.sigma = classifier, num_classes, sigma
+        self.batch_size, self.forward_batch, self.seed = batch_size, forward_batch, seed
+        self.device = torch.device(device) if device is not None else _device_of(classifier)
+        self._next = 0
+
+    def _indices(self, count: int, indices: Optional[list[int]]) -> list[int]:
+        if indices is None:
+            indices = list(range(self._next, self._next + count))
+            self._next += count
+        if len(indices) != count:
+            raise ValueError(f"{count} images but {len(indices)} indices")
+        return list(indices)
+
+    def _generators(self, indices: list[int]) -> list[torch.Generator]:
+        return [image_generator(self.seed, i, self.device) for i in indices]
+
+    def _images(self, images) -> list[torch.Tensor]:
+        xs = list(images) if not isinstance(images, torch.Tensor) or images.dim() == 4 else [images]
+        return [x.to(self.device) for x in xs]
+
+    def certify_batch(self, images, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
+                      indices: Optional[list[int]] = None) -> list[Certificate]:
+        """CERTIFY for several images (a list of C x H x W tensors, or an N x C x H x W tensor)."""
+        _check_counts(n0, n, alpha)
+        xs = self._images(images)
+        gens = self._generators(self._indices(len(xs), indices))
+        return certify_images(self.classifier, xs, self.sigma, n0, n, alpha, self.num_classes, self.batch_size, gens,
+                              self.forward_batch)
+
+    def certify(self, x: torch.Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
+                index: Optional[int] = None) -> Certificate:
+        """CERTIFY one C x H x W image: the prediction (or ABSTAIN) and its L2 radius, which holds
+        with probability at least 1 - alpha."""
+        return self.certify_batch([x], n0, n, alpha, None if index is None else [index])[0]
+
+    def predict(self, x: torch.Tensor, n: int = 10_000, alpha: float = 0.001, index: Optional[int] = None) -> int:
+        """PREDICT: the top class of n noisy votes, or ABSTAIN when the two-sided binomial test cannot
+        tell it from the runner-up at level alpha."""
+        _check_counts(1, n, alpha)
+        (i,) = self._indices(1, None if index is None else [index])
+        return predict(self.classifier, x.to(self.device), self.sigma, n, alpha, self.num_classes, self.batch_size,
+                       image_generator(self.seed, i, self.device))
+
+
+class DualSmoothed(Smoothed):
+    """Dual randomized smoothing (Xia et al. 2024): the image is split into two C x H x W/2 halves
+    (``split``), each smoothed by its own base classifier at ``sigma``; the prediction is the argmax of
+    the summed votes, certified with the sound radius sigma (a + b) / sqrt(2), each side's bound at
+    alpha / 2. ``right`` None: one classifier serves both halves.
+
+    >>> import torch
+    >>> from deploypipe import DualSmoothed
+    >>> side = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 4, 10)).eval()
+    >>> drs = DualSmoothed(side, num_classes=10, sigma=0.18)
+    >>> drs.certify(torch.rand(3, 8, 8), n0=100, n=1_000).radius >= 0
+    True
+    """
+
+    def __init__(self, left: Classifier, num_classes: int, sigma: float, right: Optional[Classifier] = None,
+                 **kwargs):
+        super().__init__(left, num_classes, sigma, **kwargs)
+        self.right = left if right is None else right
+
+    def certify_batch(self, images, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
+                      indices: Optional[list[int]] = None) -> list[Certificate]:
+        _check_counts(n0, n, alpha)
+        xs = self._images(images)
+        if any(x.shape[-1] % 2 for x in xs):
+            raise ValueError("DRS needs an even image width — fix: resize the images or use Smoothed (RS)")
+        gens = self._generators(self._indices(len(xs), indices))
+        return certify_drs_images(self.classifier, self.right, xs, self.sigma, n0, n, alpha, self.num_classes,
+                                  self.batch_size, gens, self.forward_batch)
+
+    def predict(self, x: torch.Tensor, n: int = 10_000, alpha: float = 0.001, index: Optional[int] = None) -> int:
+        """The certified prediction at radius 0 (n0 = 100 selection votes, then n per side), ABSTAIN
+        where DRS cannot certify any radius: a sound PREDICT for the summed-vote classifier."""
+        return self.certify(x, 100, n, alpha, index).prediction
+
+
+def _check_counts(n0: int, n: int, alpha: float) -> None:
+    if n0 < 1 or n < 1:
+        raise ValueError(f"n0 and n must be at least 1, got n0={n0}, n={n}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")

@@ -49,7 +49,8 @@ def run(ctx: StageContext, cfg: EvaluateConfig) -> StageResult:
         torch.set_num_threads(cfg.threads)
     try:
         cpu_model = model.to("cpu")
-        lat = latency_ms(cpu_model, ctx.data.input_shape, cfg.latency_batch_size, cfg.latency_repeats, cfg.latency_warmup)
+        lat = latency_ms(cpu_model, ctx.data.input_shape, cfg.latency_batch_size, cfg.latency_repeats,
+                         cfg.latency_warmup)
     finally:
         torch.set_num_threads(threads)
         model.to(ctx.device)

@@ -57,7 +57,8 @@ def _mse(q: QuantLayer, x: torch.Tensor, y: torch.Tensor, relu: bool, batch: int
 
 
 def adaquant_layer(q: QuantLayer, x: torch.Tensor, y: torch.Tensor, relu: bool = False,
-                   settings: Optional[AdaQuantSettings] = None, generator: Optional[torch.Generator] = None) -> LayerResult:
+                   settings: Optional[AdaQuantSettings] = None,
+                   generator: Optional[torch.Generator] = None) -> LayerResult:
     """Optimise one quantized layer in place towards the FP outputs ``y`` of inputs ``x``.
 
     ``y`` must already have the ReLU applied when ``relu`` is true."""

@@ -38,7 +38,8 @@ class ExplicitMultiheadAttention(nn.Module):
         bias = mha.in_proj_bias is not None
         kw = {"device": mha.out_proj.weight.device, "dtype": mha.out_proj.weight.dtype}
         self.q_proj, self.k_proj = nn.Linear(e, e, bias, **kw), nn.Linear(kdim, e, bias, **kw)
-        self.v_proj, self.out_proj = nn.Linear(vdim, e, bias, **kw), nn.Linear(e, e, mha.out_proj.bias is not None, **kw)
+        self.v_proj = nn.Linear(vdim, e, bias, **kw)
+        self.out_proj = nn.Linear(e, e, mha.out_proj.bias is not None, **kw)
         with torch.no_grad():
             if mha._qkv_same_embed_dim:
                 wq, wk, wv = mha.in_proj_weight.chunk(3)

@@ -26,7 +26,8 @@ class InfeasibleBudget(ValueError):
     """The constraint cannot be met by any choice; ``smallest`` is the tightest feasible value."""
 
     def __init__(self, what: str, given: float, smallest: float):
-        super().__init__(f"{what} {given:.6g} is infeasible: the smallest feasible {what} is {smallest:.6g}")
+        super().__init__(f"{what} {given:.6g} is infeasible: the smallest feasible {what} is {smallest:.6g} — fix: "
+                         f"raise {what} to at least {smallest:.6g}")
         self.what, self.given, self.smallest = what, given, smallest
 
 

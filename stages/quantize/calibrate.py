@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deploypipe.batches import Batch, call
 from deploypipe.progress import progress
 
 from .adaquant import AdaQuantSettings, adaquant_layer
@@ -69,9 +70,10 @@ class CacheStats:
 
 
 @torch.no_grad()
-def capture(model: nn.Module, module_name: str, batches: Callable[[], Iterable[torch.Tensor]],
+def capture(model: nn.Module, module_name: str, batches: Callable[[], Iterable[Batch]],
             want_output: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Inputs (and outputs) of one submodule over all calibration batches."""
+    """Inputs (and outputs) of one submodule over all calibration batches (any batch a model takes:
+    deploypipe.batches)."""
     module = model.get_submodule(module_name)
     xs, ys = [], []
 
@@ -83,8 +85,8 @@ def capture(model: nn.Module, module_name: str, batches: Callable[[], Iterable[t
     handle = module.register_forward_hook(hook)
     try:
         model.eval()
-        for x in batches():
-            model(x)
+        for batch in batches():
+            call(model, batch)
     finally:
         handle.remove()
     return torch.cat(xs), (torch.cat(ys) if want_output else None)
@@ -103,7 +105,7 @@ def fit_budget(x: torch.Tensor, y: torch.Tensor, budget_bytes: int, name: str, s
 
 
 @torch.no_grad()
-def init_ranges(fp_model: nn.Module, q_model: nn.Module, names: list[str], batches: Callable[[], Iterable[torch.Tensor]],
+def init_ranges(fp_model: nn.Module, q_model: nn.Module, names: list[str], batches: Callable[[], Iterable[Batch]],
                 weight_method: str = "mse", act_method: str = "mse", percentile: float = 99.99) -> None:
     """Weight scales from the weights; activation scales from the FP model's inputs to each layer."""
     for name in names:
@@ -118,7 +120,7 @@ def init_ranges(fp_model: nn.Module, q_model: nn.Module, names: list[str], batch
 
 
 @torch.no_grad()
-def init_tensor_ranges(fp_model: nn.Module, q_model: nn.Module, batches: Callable[[], Iterable[torch.Tensor]],
+def init_tensor_ranges(fp_model: nn.Module, q_model: nn.Module, batches: Callable[[], Iterable[Batch]],
                        method: str = "mse", percentile: float = 99.99) -> list[str]:
     """Scales of the residual-add / matmul quantizers (tensor_ops.ActQuant) from the FP model's
     tensors at the same places (``fp_model`` carries disabled copies of them)."""
@@ -133,7 +135,7 @@ def init_tensor_ranges(fp_model: nn.Module, q_model: nn.Module, batches: Callabl
 
 
 def adaquant_model(fp_model: nn.Module, q_model: nn.Module, names: list[str],
-                   batches: Callable[[], Iterable[torch.Tensor]], mode: str = "parallel",
+                   batches: Callable[[], Iterable[Batch]], mode: str = "parallel",
                    settings: Optional[AdaQuantSettings] = None, cache_budget_bytes: int = 1 << 30,
                    seed: int = 0, show_progress: bool = False) -> tuple[list[dict], CacheStats]:
     """AdaQuant every named layer of ``q_model`` (a quantized copy of ``fp_model`` with the same

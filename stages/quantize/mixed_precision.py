@@ -5,8 +5,9 @@ Delta-loss (Hubara et al. 2021, §4): start from the model with every candidate 
 candidate precision; swap *only* layer l to precision p (its own calibration at p: ranges, and
 AdaQuant in parallel mode on full-precision inputs); measure the calibration loss; subtract the
 base loss. The calibration set is unlabeled, so the loss is KL(softmax(FP logits) || softmax(quantized
-logits)). Candidates are weight bit widths (2..8), the layer's input bits staying as in the base
-model, and 16 = "keep in FP16" (weights and inputs rounded to half precision, no integer grid).
+logits)) (for other outputs, the relative squared error: ``divergence``). Candidates are weight bit
+widths (2..8), the layer's input bits staying as in the base model, and 16 = "keep in FP16"
+(weights and inputs rounded to half precision, no integer grid).
 
 Costs per (layer, precision), ``cost_table``:
 - ``size``: storage of the layer's weights, bits x parameters (16 for FP16);
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deploypipe.errors import InputError
+from deploypipe.batches import Batch, batch_size, call, output_tensor, take, to_device
 from deploypipe.kernels.nm_compress import packed_index_bits
 
 from .adaquant import AdaQuantSettings, adaquant_layer
@@ -38,12 +39,25 @@ from .quantizer import FP16, RANGE_METHODS
 def precision_label(bits: int) -> str:
     return "fp16" if bits == FP16 else f"w{bits}"
 
+def divergence(q_out: torch.Tensor, fp_out: torch.Tensor) -> torch.Tensor:
+    """How far a quantized model's output is from the FP one, summed over the batch: KL(softmax(FP) ||
+    softmax(quantized)) for a batch of logits (N x K); for any other output (an encoder's N x T x H
+    hidden states) each sample's squared error relative to the FP sample's squared norm."""
+    if fp_out.dim() == 2:
+        return F.kl_div(F.log_softmax(q_out.float(), 1), F.log_softmax(fp_out.float(), 1), log_target=True,
+                        reduction="sum")
+    err = (q_out.float() - fp_out.float()).pow(2).flatten(1).sum(1)
+    return (err / fp_out.float().pow(2).flatten(1).sum(1).clamp_min(1e-12)).sum()
+
+
 @torch.no_grad()
-def calibration_kl(fp: nn.Module, q: nn.Module, batches: Callable[[], Iterable[torch.Tensor]]) -> float:
+def calibration_kl(fp: nn.Module, q: nn.Module, batches: Callable[[], Iterable[Batch]]) -> float:
+    """The mean ``divergence`` of ``q`` from ``fp`` over the calibration batches (the calibration loss:
+    the set is unlabeled)."""
     total, n = 0.0, 0
     for x in batches():
-        total += F.kl_div(F.log_softmax(q(x), 1), F.log_softmax(fp(x), 1), log_target=True, reduction="sum").item()
-        n += len(x)
+        total += divergence(output_tensor(call(q, x)), output_tensor(call(fp, x))).item()
+        n += batch_size(x)
     return total / max(n, 1)
 
 
@@ -60,7 +74,7 @@ def _layer_at(fp_layer: nn.Module, base: QuantLayer, bits: int, weight_range: st
 
 
 def measure_deltas(fp: nn.Module, q_base: nn.Module, names: list[str], candidates: list[int],
-                   batches: Callable[[], Iterable[torch.Tensor]], weight_range: str = "mse",
+                   batches: Callable[[], Iterable[Batch]], weight_range: str = "mse",
                    settings: Optional[AdaQuantSettings] = None, cache_budget_bytes: int = 1 << 30,
                    seed: int = 0) -> tuple[dict, dict]:
     """Delta-loss table {layer: {bits: dloss}} and the calibrated layer for every (layer, bits).
@@ -95,21 +109,25 @@ def measure_deltas(fp: nn.Module, q_base: nn.Module, names: list[str], candidate
 
 
 @torch.no_grad()
-def layer_macs(model: nn.Module, names: list[str], input_shape: tuple[int, ...]) -> dict[str, int]:
-    """Multiply-accumulates per image of each named Conv2d / Linear (or QuantLayer): output
-    elements x reduction size (weight elements per output channel)."""
+def layer_macs(model: nn.Module, names: list[str], example: tuple[int, ...] | Batch) -> dict[str, int]:
+    """Multiply-accumulates per sample of each named Conv2d / Linear (or QuantLayer): output
+    elements x reduction size (weight elements per output channel). ``example``: an input shape (one
+    image of that shape is fed) or a batch, whose first sample is fed."""
     out: dict[str, int] = {}
     hooks = []
     for name in names:
         m = model.get_submodule(name)
         weight = m.layer.weight if isinstance(m, QuantLayer) else m.weight
         per_output = weight[0].numel()
-        hooks.append(m.register_forward_hook(lambda _m, _i, o, name=name, k=per_output: out.__setitem__(name, o[0].numel() * k)))
+        hooks.append(m.register_forward_hook(
+            lambda _m, _i, o, name=name, k=per_output: out.__setitem__(name, o[0].numel() * k)))
     param = next(model.parameters())
     was_training = model.training
     model.eval()
+    if isinstance(example, (tuple, list)) and all(isinstance(d, int) for d in example):
+        example = torch.zeros(1, *example)
     try:
-        model(torch.zeros(1, *input_shape, device=param.device))
+        call(model, to_device(take(example, slice(0, 1)), param.device))
     finally:
         model.train(was_training)
         for h in hooks:
@@ -137,16 +155,16 @@ def read_latency_table(path: str) -> dict[tuple[str, int], float]:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     except OSError as err:
-        raise InputError(f"cannot read the latency table '{path}': {err.strerror or err}", fix) from None
+        raise ValueError(f"cannot read the latency table '{path}': {err.strerror or err} — fix: {fix}") from None
     table = {}
     for i, row in enumerate(rows, start=2):
         try:
             bits = str(row["bits"]).strip().lower()
             table[row["layer"].strip(), FP16 if bits in ("fp16", "16") else int(bits)] = float(row["ms"])
         except (KeyError, ValueError, TypeError, AttributeError):
-            raise InputError(f"latency table '{path}' line {i} is not layer,bits,ms: {row}", fix) from None
+            raise ValueError(f"latency table '{path}' line {i} is not layer,bits,ms: {row} — fix: {fix}") from None
     if not table:
-        raise InputError(f"latency table '{path}' has no rows", fix)
+        raise ValueError(f"latency table '{path}' has no rows — fix: {fix}")
     return table
 
 
@@ -170,7 +188,7 @@ def cost_table(kind: str, fp: nn.Module, names: list[str], candidates: list[int]
                 table[n][b] = float(keep / m * macs[n] * b * (FP16 if b == FP16 else (a_bits[n] or 32)))
             elif kind == "latency":
                 if (n, b) not in latency:
-                    raise InputError(f"the latency table has no entry for layer {n} at {precision_label(b)}",
+                    raise ValueError(f"the latency table has no entry for layer {n} at {precision_label(b)} — fix: "
                                      "add a row 'layer,bits,ms' for every layer the program chooses for and every "
                                      "candidate precision")
                 table[n][b] = latency[n, b]

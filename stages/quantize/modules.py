@@ -14,7 +14,8 @@ torch.fx tracing; models fx cannot trace are left unfolded), as TensorRT does at
 
 The transform record ``{"kind": "quantize", "params": {"attention": [names of rewritten
 nn.MultiheadAttention], "folded": [[conv, bn], ...], "layers":
-{name: {"w_bits", "a_bits", "a_signed", "sparse" (N:M, for layers the sparsify stage made sparse)}}, "tensor_quant": [...], "residual_bits", "matmul_bits",
+{name: {"w_bits", "a_bits", "a_signed", "sparse" (N:M, for layers the sparsify stage made sparse)}},
+"tensor_quant": [...], "residual_bits", "matmul_bits",
 "input_shape"}}`` rebuilds exactly this structure on load (the residual-add / matmul quantizers of
 tensor_ops.py are re-inserted by tracing the same architecture).
 """
@@ -135,7 +136,8 @@ class QuantLayer(nn.Module):
         return bits + (32 if self.a_bits and self.a_bits != FP16 else 0)
 
     def extra_repr(self) -> str:
-        return f"w_bits={self.w_bits}, a_bits={self.a_bits}, a_signed={self.a_signed}" + (f", sparse={self.sparse}" if self.sparse else "")
+        sparse = f", sparse={self.sparse}" if self.sparse else ""
+        return f"w_bits={self.w_bits}, a_bits={self.a_bits}, a_signed={self.a_signed}{sparse}"
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, Quantizable]]:

@@ -145,7 +145,8 @@ def insert_tensor_quantizers(model: nn.Module, input_shape: tuple[int, ...], res
         gm.train(was_training)
     except Exception as err:  # data-dependent control flow etc.
         if expected:
-            raise ValueError(f"cannot rebuild the quantized residual adds / matmuls: fx cannot trace the model ({err})") from None
+            raise ValueError(f"cannot rebuild the quantized residual adds / matmuls: fx cannot trace the model "
+                             f"({err})") from None
         return model, []
     graph = gm.graph
     records = []

@@ -24,7 +24,9 @@ the FP variance shrinks the signal. On a user's CIFAR ResNet-20 at W4A4 it took 
 decision made on calibration data, never on the test split.
 
 Bias tuning. Only the biases of the quantized layers are trained, to minimise
-KL(softmax(FP logits) || softmax(quantized logits)) on the calibration set.
+KL(softmax(FP logits) || softmax(quantized logits)) on the calibration set (for a model whose output
+is not a batch of logits, e.g. an encoder's hidden states, the squared error relative to the FP
+output: ``mixed_precision.divergence``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixed_precision import calibration_kl
+from deploypipe.batches import Batch, batch_size, call, output_tensor
+
+from .mixed_precision import calibration_kl, divergence
 from .modules import QuantLayer
 
 
@@ -46,7 +50,8 @@ def bn_affine(model: nn.Module, pairs: list[list[str]]) -> dict[str, tuple[torch
 
 
 @torch.no_grad()
-def output_stats(model: nn.Module, name: str, batches: Callable[[], Iterable[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def output_stats(model: nn.Module, name: str,
+                 batches: Callable[[], Iterable[Batch]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (population) std of a module's output over all batches, streamed."""
     acc = {}
 
@@ -59,8 +64,8 @@ def output_stats(model: nn.Module, name: str, batches: Callable[[], Iterable[tor
     h = model.get_submodule(name).register_forward_hook(hook)
     try:
         model.eval()
-        for x in batches():
-            model(x)
+        for batch in batches():
+            call(model, batch)
     finally:
         h.remove()
     mean = acc["s"] / acc["n"]
@@ -70,7 +75,7 @@ def output_stats(model: nn.Module, name: str, batches: Callable[[], Iterable[tor
 
 @torch.no_grad()
 def reestimate_bn(q_model: nn.Module, affine: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  batches: Callable[[], Iterable[torch.Tensor]], fp_model: Optional[nn.Module] = None,
+                  batches: Callable[[], Iterable[Batch]], fp_model: Optional[nn.Module] = None,
                   eps: float = 1e-5) -> list[dict]:
     """Correct every quantized layer that had a folded BN, in order; returns per-layer stats.
 
@@ -106,7 +111,7 @@ def reestimate_bn(q_model: nn.Module, affine: dict[str, tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def guarded_reestimate_bn(q_model: nn.Module, fp_model: nn.Module, affine: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                          batches: Callable[[], Iterable[torch.Tensor]], target: str = "fp",
+                          batches: Callable[[], Iterable[Batch]], target: str = "fp",
                           guard: bool = True) -> tuple[list[dict], dict[str, float]]:
     """``reestimate_bn``, undone when (with ``guard``) it does not lower the calibration KL to the FP
     logits. Returns the per-layer rows and {bn_kl_before, bn_kl_after, bn_kept}."""
@@ -124,7 +129,7 @@ def guarded_reestimate_bn(q_model: nn.Module, fp_model: nn.Module, affine: dict[
     return rows, {"bn_kl_before": before, "bn_kl_after": after, "bn_kept": float(kept)}
 
 
-def tune_biases(fp_model: nn.Module, q_model: nn.Module, batches: Callable[[], Iterable[torch.Tensor]],
+def tune_biases(fp_model: nn.Module, q_model: nn.Module, batches: Callable[[], Iterable[Batch]],
                 steps: int = 300, lr: float = 1e-4) -> tuple[float, float]:
     """Train only the quantized layers' biases towards the FP logits (KL); returns KL before/after."""
     biases = [m.layer.bias for m in q_model.modules() if isinstance(m, QuantLayer) and m.layer.bias is not None]
@@ -132,12 +137,13 @@ def tune_biases(fp_model: nn.Module, q_model: nn.Module, batches: Callable[[], I
         return 0.0, 0.0
     fp_model.eval()
     q_model.eval()  # statistics stay fixed; only the biases move
-    cached = [(x, F.log_softmax(fp_model(x), 1).detach()) for x in batches()]
+    with torch.no_grad():
+        cached = [(x, output_tensor(call(fp_model, x)).detach()) for x in batches()]
 
     def kl() -> float:
         with torch.no_grad():
-            return sum(F.kl_div(F.log_softmax(q_model(x), 1), t, log_target=True, reduction="sum").item()
-                       for x, t in cached) / sum(len(x) for x, _ in cached)
+            return sum(divergence(output_tensor(call(q_model, x)), t).item()
+                       for x, t in cached) / sum(batch_size(x) for x, _ in cached)
 
     saved = [b.detach().clone() for b in biases]
     before = kl()
@@ -150,7 +156,7 @@ def tune_biases(fp_model: nn.Module, q_model: nn.Module, batches: Callable[[], I
         with torch.enable_grad():
             for step in range(steps):
                 x, target = cached[step % len(cached)]
-                loss = F.kl_div(F.log_softmax(q_model(x), 1), target, log_target=True, reduction="batchmean")
+                loss = divergence(output_tensor(call(q_model, x)), target) / batch_size(x)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

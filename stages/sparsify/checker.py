@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from deploypipe.errors import InputError
 
 from .patterns import Pattern, group_size_along_reduction, reduction_view
 
@@ -47,12 +46,12 @@ def check_model(model: nn.Module, patterns: dict[str, Pattern]) -> list[dict]:
         try:
             layer = model.get_submodule(name)
         except AttributeError:
-            raise InputError(f"the model has no layer '{name}' to check",
+            raise ValueError(f"the model has no layer '{name}' to check — fix: "
                              "check the layer names (deploypipe check-sparsity lists the eligible ones)") from None
         w = effective_weight(layer)
         run = w.shape[1]  # input channels of a conv, in_features of a linear
         if run % pattern.m:
-            raise InputError(f"layer '{name}' has {run} inputs per group run, not a multiple of M={pattern.m}",
+            raise ValueError(f"layer '{name}' has {run} inputs per group run, not a multiple of M={pattern.m} — fix: "
                              "check it with a pattern whose M divides it, or leave it out with --layers")
         rows.append(_row(name, reduction_view(w), tuple(w.shape), pattern))
     return rows
@@ -94,7 +93,7 @@ def onnx_weights(path: Path) -> list[tuple[str, torch.Tensor, int]]:
     try:
         model = onnx.load(str(path))
     except Exception as err:  # noqa: BLE001 - any parse failure: not a readable ONNX file
-        raise InputError(f"'{path}' is not a readable ONNX file ({type(err).__name__})",
+        raise ValueError(f"'{path}' is not a readable ONNX file ({type(err).__name__}) — fix: "
                          "give the .onnx file an export wrote") from None
     inits = {t.name: t for t in model.graph.initializer}
     producers = {o: node for node in model.graph.node for o in node.output}
@@ -125,7 +124,8 @@ def onnx_weights(path: Path) -> list[tuple[str, torch.Tensor, int]]:
     return out
 
 
-def check_onnx(path: Path, pattern: Pattern, include: Iterable[str] = ("*",), keep_first_last: bool = True) -> list[dict]:
+def check_onnx(path: Path, pattern: Pattern, include: Iterable[str] = ("*",),
+               keep_first_last: bool = True) -> list[dict]:
     weights = onnx_weights(path)
     if keep_first_last:
         weights = weights[1:-1]
@@ -144,17 +144,20 @@ def check_path(path: str | Path, pattern: Optional[Pattern], include: Iterable[s
     path = Path(path)
     if path.suffix == ".onnx":
         if not path.is_file():
-            raise InputError(f"ONNX file '{path}' does not exist", "give the path of an exported model (.onnx)")
+            raise ValueError(f"ONNX file '{path}' does not exist — fix: "
+                             "give the path of an exported model (.onnx)")
         if pattern is None:
-            raise InputError("checking an ONNX file needs the pattern", "add --pattern N:M, e.g. --pattern 2:4")
+            raise ValueError("checking an ONNX file needs the pattern — fix: "
+                             "add --pattern N:M, e.g. --pattern 2:4")
         return check_onnx(path, pattern, include)
     if not is_model_dir(path):
-        raise InputError(f"'{path}' is neither a saved deploypipe model folder nor an .onnx file",
+        raise ValueError(f"'{path}' is neither a saved deploypipe model folder nor an .onnx file — fix: "
                          "give <out>/<stage>/model (it holds model.json) or a .onnx file")
     model = load_model(path)
     recorded = sparse_layers_of(read_record(path))
     if pattern is None and not recorded:
-        raise InputError(f"the model in '{path}' records no N:M layers", "add --pattern N:M to check every eligible layer")
+        raise ValueError(f"the model in '{path}' records no N:M layers — fix: "
+                         "add --pattern N:M to check every eligible layer")
     patterns = ({n: (pattern or p) for n, p in recorded.items() if any(fnmatch.fnmatchcase(n, i) for i in include)}
                 if recorded else eligible_model_layers(model, pattern, include))
     return check_model(model, patterns)

@@ -17,7 +17,6 @@ from typing import Iterable, Union
 import torch
 from torch import nn
 
-from deploypipe.errors import InputError
 from deploypipe.models import register_transform
 
 Sparsifiable = Union[nn.Conv2d, nn.Linear]
@@ -33,12 +32,14 @@ class Pattern:
     def parse(cls, text: str) -> "Pattern":
         match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
         if not match:
-            raise InputError(f"'{text}' is not an N:M pattern", "write it as N:M with N < M, e.g. 2:4 or 1:8")
+            raise ValueError(f"'{text}' is not an N:M pattern — fix: "
+                             "write it as N:M with N < M, e.g. 2:4 or 1:8")
         n, m = int(match[1]), int(match[2])
         if not 0 < n < m:
-            raise InputError(f"pattern {n}:{m} needs 0 < N < M", "e.g. 2:4, 1:4, 2:8, 1:8, 1:16, 1:32")
+            raise ValueError(f"pattern {n}:{m} needs 0 < N < M — fix: "
+                             "e.g. 2:4, 1:4, 2:8, 1:8, 1:16, 1:32")
         if m > 128:
-            raise InputError(f"pattern {n}:{m}: M above 128 is not supported (positions are stored in a byte)",
+            raise ValueError(f"pattern {n}:{m}: M above 128 is not supported (positions are stored in a byte) — fix: "
                              "use M <= 128, e.g. 1:32 or 1:64")
         return cls(n, m)
 
@@ -95,7 +96,8 @@ def select_sparse_layers(model: nn.Module, ms: Iterable[int], include: Iterable[
             skipped.append({"layer": name, "reason": "first or last layer (kept dense)"})
         elif any(group_size_along_reduction(layer) % m for m in ms):
             what = "in_features" if isinstance(layer, nn.Linear) else "in_channels"
-            skipped.append({"layer": name, "reason": f"{what}={group_size_along_reduction(layer)} is not a multiple of M={max(ms)}"})
+            skipped.append({"layer": name, "reason": f"{what}={group_size_along_reduction(layer)} is not a multiple of "
+                                                     f"M={max(ms)}"})
         else:
             chosen.append(name)
     return chosen, skipped

@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from deploypipe.errors import InputError
 
 from .patterns import Pattern
 
@@ -39,7 +38,8 @@ class Decay:
         except ValueError:
             match = None
         if not match or (rate is not None and not 0 < rate < math.inf):
-            raise InputError(f"'{text}' is not a decay", "write exp:RATE or linear:RATE (per optimizer step, > 0), "
+            raise ValueError(f"'{text}' is not a decay — fix: "
+                             "write exp:RATE or linear:RATE (per optimizer step, > 0), "
                              "e.g. exp:2e-3, linear:8e-4, or exp:auto")
         return cls(match[1], rate)
 
@@ -64,10 +64,11 @@ class Decay:
 def parse_schedule(text: str, target: Pattern) -> list[Pattern]:
     patterns = [Pattern.parse(p) for p in str(text).split(",") if p.strip()]
     if not patterns or patterns[-1] != target:
-        raise InputError(f"the SDGF schedule '{text}' must end at the target pattern {target}",
+        raise ValueError(f"the SDGF schedule '{text}' must end at the target pattern {target} — fix: "
                          f"e.g. --schedule 7:8,4:8,2:8,1:8 for --pattern 1:8 (append {target})")
     if any(a.density < b.density for a, b in zip(patterns, patterns[1:])):
-        raise InputError(f"the SDGF schedule '{text}' gets denser somewhere", "list patterns from dense to sparse")
+        raise ValueError(f"the SDGF schedule '{text}' gets denser somewhere — fix: "
+                         "list patterns from dense to sparse")
     return patterns
 
 

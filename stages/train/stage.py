@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import time
 from typing import Literal, Optional
 
 import torch
@@ -16,10 +13,8 @@ from deploypipe.config import Schema
 from deploypipe.data import diagonal_split, half_image_shape
 from deploypipe.errors import InputError
 from deploypipe.evaluation import top1_and_loss
-from deploypipe.progress import log
 from deploypipe.stage import StageContext, StageResult, register
-
-from .loop import make_optimizer, make_scheduler, train_epoch
+from deploypipe.training import Callback, EpochLog, Evaluate, GaussianNoise, TrainBatch, Trainer, TrainOptions
 from .side_input import KIND as GRID_FILL, SIDES, TRANSFORM_MODULE as SIDE_INPUT_MODULE, GridFill
 
 
@@ -31,14 +26,25 @@ class TrainConfig(Schema):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(5e-4, ge=0, description="decoupled for AdamW; not applied to biases/norms")
     schedule: Literal["onecycle", "cosine", "constant"] = Field("onecycle", description="learning-rate schedule")
-    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up (cosine/constant; onecycle ramps 30% by default)")
+    warmup_epochs: float = Field(
+        0.0, ge=0, description="linear warm-up (cosine/constant; onecycle ramps 30% by default)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     noise_sigma: float = Field(0.0, ge=0, description="Gaussian noise on [0,1] inputs (for certify); 0 = off")
-    consistency: float = Field(0.0, ge=0, description="with noise_sigma: weight of the consistency regulariser (Jeong & Shin 2020; e.g. 10-20); 0 = off")
+    consistency: float = Field(
+        0.0, ge=0,
+        description="with noise_sigma: weight of the consistency regulariser (Jeong & Shin 2020; e.g. 10-20); 0 = off")
     consistency_copies: int = Field(2, ge=2, description="noisy copies per image for the consistency regulariser")
-    consistency_entropy: float = Field(0.5, ge=0, description="weight of the entropy term of the consistency regulariser")
-    drs_side: Optional[Literal["left", "right", "both"]] = Field(None, description="train a dual-randomized-smoothing base classifier on this half of the diagonal split, or (both) one model for both halves (the model then takes C x H x W/2 images)")
-    drs_input: Literal["half", "full"] = Field("half", description="with drs_side left or right, what the network sees: half = the packed C x H x W/2 sub-image; full = the side's pixels in their places of the C x H x W grid, each other pixel the mean of its 4 neighbours (twice the compute; a model trained on full images keeps its features)")
+    consistency_entropy: float = Field(
+        0.5, ge=0, description="weight of the entropy term of the consistency regulariser")
+    drs_side: Optional[Literal["left", "right", "both"]] = Field(
+        None,
+        description="train a dual-randomized-smoothing base classifier on this half of the diagonal split, or (both) "
+                    "one model for both halves (the model then takes C x H x W/2 images)")
+    drs_input: Literal["half", "full"] = Field(
+        "half",
+        description="with drs_side left or right, what the network sees: half = the packed C x H x W/2 sub-image; full "
+                    "= the side's pixels in their places of the C x H x W grid, each other pixel the mean of its 4 "
+                    "neighbours (twice the compute; a model trained on full images keeps its features)")
     augment: bool = Field(True, description="use the data's standard augmentation (crop, flip)")
     max_grad_norm: Optional[float] = Field(None, gt=0, description="clip the gradient norm")
     eval_every: int = Field(1, ge=0, description="evaluate on the test split every N epochs (0 = only at the end)")
@@ -48,9 +54,11 @@ class TrainConfig(Schema):
     @model_validator(mode="after")
     def _combinations(self) -> "TrainConfig":  # checked before a work directory is made
         if self.consistency > 0 and self.noise_sigma <= 0:
-            raise ValueError("consistency needs Gaussian noise: set noise_sigma > 0 (e.g. --noise-sigma 0.25) or drop consistency")
+            raise ValueError("consistency needs Gaussian noise: set noise_sigma > 0 (e.g. --noise-sigma 0.25) or drop "
+                             "consistency")
         if self.drs_input == "full" and self.drs_side not in SIDES:
-            raise ValueError("drs_input full fills one side's grid: set drs_side left or right (one model per side) or drop drs_input")
+            raise ValueError("drs_input full fills one side's grid: set drs_side left or right (one model per side) or "
+                             "drop drs_input")
         return self
 
 
@@ -65,7 +73,8 @@ class _Side(torch.nn.Module):
         return self.model(diagonal_split(x)[self.side])
 
 
-def _test(scored: dict[str, torch.nn.Module], data, device: torch.device, noise_sigma: float) -> dict[str, float]:
+def _test(scored: dict[str, torch.nn.Module], data, device: torch.device, noise_sigma: float,
+          seed: int) -> dict[str, float]:
     """Top-1 and loss on the test split; for a model shared by both DRS sides, the mean over the two
     halves (each also reported), so that it compares with a side model's own figure. With Gaussian
     noise training also ``test_top1_noisy``: top-1 on the test images with one seeded draw of that
@@ -76,7 +85,7 @@ def _test(scored: dict[str, torch.nn.Module], data, device: torch.device, noise_
     if len(per) > 1:
         row.update({f"test_top1_{k}": t for k, (t, _) in per.items()})
     if noise_sigma > 0:
-        row["test_top1_noisy"] = sum(top1_and_loss(m, data.test, device=device, noise_sigma=noise_sigma)[0]
+        row["test_top1_noisy"] = sum(top1_and_loss(m, data.test, device=device, noise_sigma=noise_sigma, seed=seed)[0]
                                      for m in scored.values()) / len(scored)
     return row
 
@@ -106,8 +115,27 @@ def model_input_shape(cfg: TrainConfig, shape: tuple[int, ...]) -> tuple[int, ..
     return half_image_shape(shape) if cfg.drs_side else tuple(shape)
 
 
+class DrsSides(Callback):
+    """Train a DRS base classifier on its half of the diagonal split (``side`` 0 left, 1 right), or
+    (``side`` 2) one model on both halves of every image: the batch holds the images' left halves,
+    then their right halves, each with its image's label."""
+
+    def __init__(self, side: int):
+        self.side = side
+
+    def prepare(self, batch: TrainBatch) -> TrainBatch:
+        halves = diagonal_split(batch.x)
+        if self.side < 2:
+            batch.x = halves[self.side]
+            return batch
+        batch.x, batch.y = torch.cat(halves), torch.cat([batch.y, batch.y])
+        batch.rows = torch.cat([batch.rows, batch.rows + batch.global_size])
+        batch.global_size *= 2
+        return batch
+
+
 @register("train", help="Train the model: SGD/AdamW, one-cycle/cosine, label smoothing, Gaussian-noise augmentation",
-          model_input_shape=model_input_shape)
+          model_input_shape=model_input_shape, distributed="ddp")
 def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
     model, data = ctx.model, ctx.data
     side = None if cfg.drs_side is None else (*SIDES, "both").index(cfg.drs_side)
@@ -117,53 +145,29 @@ def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
     if isinstance(model, GridFill) and model.side != side:  # a full-grid side model stays one, of its side
         own = SIDES[model.side]
         raise InputError(f"the model is a {own} DRS side model (it fills the {own} side's grid), but drs_side is "
-                         f"{cfg.drs_side or 'not set'}", f"train it with --drs-side {own}, or start from a full-image model")
+                         f"{cfg.drs_side or 'not set'}", f"train it with --drs-side {own}, or start from a full-image "
+                                                         "model")
     fill = cfg.drs_input == "full" and not isinstance(model, GridFill)
     if fill:
         model = GridFill(model, side)  # before the optimizer, the scored sides and a resumed checkpoint
     # what the test split scores: the model, or its side(s) of each split test image
     scored = {"": model} if side is None else {
         k: _Side(model, i) for i, k in enumerate(SIDES) if side in (i, 2)}
-    channels_last = cfg.channels_last and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
-    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
-    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch,
-                               round(cfg.warmup_epochs * steps_per_epoch))
-    ckpt_path = ctx.work_dir / "checkpoint.pt"
-    start, history = 0, []
-    if cfg.resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=ctx.device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start, history = ckpt["epoch"], ckpt["history"]
-        log(f"[{ctx.stage_id}] resuming from the checkpoint of epoch {start}")
-    for epoch in range(start, cfg.epochs):
-        g = torch.Generator().manual_seed(ctx.seed * 100_003 + epoch)  # same order when resumed
-        te = time.perf_counter()
-        row = {"epoch": epoch + 1, **train_epoch(
-            model, data.train, optimizer, scheduler, cfg.batch_size, g, ctx.device,
-            augment=data.augment if cfg.augment else None, label_smoothing=cfg.label_smoothing,
-            noise_sigma=cfg.noise_sigma, channels_last=channels_last, max_grad_norm=cfg.max_grad_norm,
-            show_progress=ctx.show_progress, description=f"epoch {epoch + 1}/{cfg.epochs}",
-            consistency=cfg.consistency, copies=cfg.consistency_copies, entropy_weight=cfg.consistency_entropy,
-            side=side)}
-        row["lr"] = scheduler.get_last_lr()[0]
-        last = epoch + 1 == cfg.epochs
-        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            row.update(_test(scored, data, ctx.device, cfg.noise_sigma))
-        row["epoch_seconds"] = time.perf_counter() - te
-        history.append(row)
-        ctx.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-        log(f"[{ctx.stage_id}] epoch {epoch + 1}/{cfg.epochs}: "
-            + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history}, tmp)
-        os.replace(tmp, ckpt_path)
-    model.to(memory_format=torch.contiguous_format).eval()
+    options = TrainOptions(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
+        label_smoothing=cfg.label_smoothing, max_grad_norm=cfg.max_grad_norm, channels_last=cfg.channels_last,
+        augment=data.augment if cfg.augment else None, seed=ctx.seed, resume=cfg.resume,
+        show_progress=ctx.show_progress, description="epoch")
+    callbacks: list[Callback] = [DrsSides(side)] if side is not None else []
+    if cfg.noise_sigma > 0:
+        callbacks.append(GaussianNoise(cfg.noise_sigma, ctx.seed, cfg.consistency, cfg.consistency_copies,
+                                       cfg.consistency_entropy, cfg.label_smoothing))
+    callbacks += [Evaluate(lambda _m: _test(scored, data, ctx.device, cfg.noise_sigma, ctx.seed), cfg.epochs,
+                           cfg.eval_every),
+                  EpochLog(ctx.log_metrics, ctx.stage_id, cfg.epochs)]
+    trainer = Trainer(model, options, ctx.device, callbacks, checkpoint=ctx.work_dir / "checkpoint.pt")
+    history = trainer.fit(data.train)
     ctx.save_table("epochs", history)
     ctx.save_figure(_plot(history), "training_curves")
     final = history[-1]

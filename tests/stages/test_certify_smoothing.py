@@ -13,7 +13,7 @@ from scipy import stats
 from deploypipe.data import half_image_shape
 from deploypipe.stages.certify.bounds import betainc, binom_test_two_sided_half, clopper_pearson_lower
 from deploypipe.stages.certify.smoothing import (ABSTAIN, certify, certify_drs, certify_drs_images, certify_images,
-                                                 drs_radius, image_generator, merge, mix_seed, predict, rs_radius,
+                                                 drs_radius, image_generator, merge, predict, rs_radius,
                                                  side_generator, split, vote_counts)
 
 
@@ -257,4 +257,3 @@ def test_the_right_sides_noise_is_no_images_left_noise():
         lefts = {image_generator(seed, i, "cpu").initial_seed() for i in range(20_000)}
         rights = {side_generator(image_generator(seed, i, "cpu")).initial_seed() for i in range(20_000)}
         assert len(rights) == 20_000 and not lefts & rights
-    assert mix_seed(0, 1) != mix_seed(0, 2) and 0 <= mix_seed(2**63 - 2, 1) < 2**63

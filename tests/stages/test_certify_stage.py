@@ -14,9 +14,11 @@ import pytest
 from conftest import last_json, run_cli, run_main
 from deploypipe.config import PipelineConfig, validate
 from deploypipe.errors import InputError, StageFailed
-from deploypipe.pipeline import Pipeline
+from deploypipe.pipeline import Pipeline, RunOptions
 from deploypipe.stages.certify.merge import merge_shards
-from deploypipe.stages.certify.stage import CertifyConfig, select_images, summarize
+from deploypipe.stages.certify.config import CertifyConfig
+from deploypipe.stages.certify.report import summarize
+from deploypipe.stages.certify.runner import select_images
 
 
 def test_select_images_and_shards():
@@ -45,7 +47,7 @@ def test_certify_the_quantized_model_against_its_fp32_input(workdir):
                    {"certify": {"sigma": 0.25, "n0": 20, "n": 400, "alpha": 0.01, "num_images": 12, "batch_size": 200,
                                 "onnx": str(workdir / "c" / "quantize" / "model.onnx")}, "id": "certify-onnx"}]},
                    "test")
-    stages = Pipeline(cfg, workdir, show_progress=False).run().stages
+    stages = Pipeline(cfg, RunOptions(workdir, show_progress=False)).run().stages
     m, shipped = stages[2].metrics, stages[3].metrics
     # the exported file, certified in ONNX Runtime with the same noise, certifies like the PyTorch model
     assert shipped["certified_acc_r0"] == pytest.approx(m["certified_acc_r0"], abs=1 / 12 + 1e-9)
@@ -110,9 +112,9 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
     _, merged_rows, _ = merge_shards([tmp_path / "tr" / f"rank{r}" / "certify" for r in range(2)])
     got_tr = summarize(merged_rows, [0.0, 0.5, 1.0])
     assert all(got_tr[k] == pytest.approx(whole[k]) for k in got_tr)  # the ranks merge to the unsharded metrics
-    code, _, err = run_main("train", "--model", "zoo:digits_cnn", "--out", "tr-train", cwd=tmp_path,
+    code, _, err = run_main("evaluate", "--model", "zoo:digits_cnn", "--out", "tr-eval", cwd=tmp_path,
                             env={"RANK": "1", "WORLD_SIZE": "2"})  # what each torchrun rank would see
-    assert code == 2 and "does not split its work" in err and not (tmp_path / "tr-train").exists()
+    assert code == 2 and "does not split its work" in err and not (tmp_path / "tr-eval").exists()
     # the refusals of the merge itself (the CLI turns them into exit 2, as the --out refusals below)
     shards = [tmp_path / f"shard{i}" / "certify" for i in range(3)]
     with pytest.raises(InputError, match="not all k shards"):
@@ -141,7 +143,7 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
 def test_a_classifier_that_does_not_fit_the_data_is_refused_before_any_work():
     import torch
 
-    from deploypipe.stages.certify.stage import check_outputs, weights_hash
+    from deploypipe.stages.certify.classifier import check_outputs, weights_hash
 
     x = torch.rand(2, 1, 8, 8)
     check_outputs(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), x, 10, "model")
@@ -190,12 +192,12 @@ def test_bad_onnx_and_reference_inputs_are_refused_before_any_certificate(tmp_pa
 def test_autocast_wrapper_keeps_float32_at_the_boundary():
     import torch
 
-    from deploypipe.stages.certify.stage import _Autocast
+    from deploypipe.stages.certify.classifier import Autocast
     from deploypipe.zoo import digits_cnn
 
     model = digits_cnn().eval()
     x = torch.rand(4, 1, 8, 8)
-    out = _Autocast(model, torch.device("cpu"))(x)
+    out = Autocast(model, torch.device("cpu"))(x)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, model(x), atol=0.1, rtol=0.1)  # bfloat16 inside: close, not equal
 
@@ -229,7 +231,7 @@ def test_a_later_stage_that_feeds_other_images_is_refused_before_it_starts(tmp_p
         {"certify": {"method": "drs", "n0": 10, "n": 50, "num_images": 2}}, {"evaluate": {}}]}, "test")
     with pytest.raises(InputError, match=r"stage 'evaluate' feeds its model images of shape \(1, 8, 8\), but the "
                                          r"model it gets takes the images stage 'certify' fed it, \(1, 8, 4\)"):
-        Pipeline(cfg, workdir, show_progress=False).run()
+        Pipeline(cfg, RunOptions(workdir, show_progress=False)).run()
     assert (workdir / "g" / "certify" / "result.json").is_file() and not (workdir / "g" / "evaluate").exists()
     assert not list((workdir / "g").glob(".evaluate.partial-*"))
 
@@ -248,19 +250,19 @@ def test_an_interrupted_certify_resumes_with_the_same_certificates(tmp_path, wor
     certify = {"n0": 10, "n": 50, "alpha": 0.01, "num_images": 8, "batch_size": 60, "runtime": "torch"}
     config = lambda name: validate(PipelineConfig, {"name": name, "model": "flaky:net", "data": "digits",  # noqa: E731
                                                    "stages": [{"certify": certify}]}, "test")
-    Pipeline(config("whole"), workdir, show_progress=False).run()
+    Pipeline(config("whole"), RunOptions(workdir, show_progress=False)).run()
     want = list(csv.DictReader(open(workdir / "whole" / "certify" / "certify.csv")))
     import flaky
 
     (tmp_path / "cut").touch()
     flaky.CALLS[0] = 0
     with pytest.raises(StageFailed):
-        Pipeline(config("cut"), workdir, show_progress=False).run()
+        Pipeline(config("cut"), RunOptions(workdir, show_progress=False)).run()
     journal = (workdir / "cut" / ".work" / "certify" / "model.jsonl").read_text().splitlines()
     assert 1 < len(journal) < 9 and not (workdir / "cut" / "certify").exists()  # some images, not all
     (tmp_path / "cut").unlink()
     capfd.readouterr()
-    Pipeline(config("cut"), workdir, show_progress=False).run()
+    Pipeline(config("cut"), RunOptions(workdir, show_progress=False)).run()
     assert f"resumed {len(journal) - 1} of 8 images" in capfd.readouterr().err
     got = list(csv.DictReader(open(workdir / "cut" / "certify" / "certify.csv")))
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
@@ -278,7 +280,7 @@ def test_reuse_grows_a_certification_with_the_table_a_fresh_run_gives(tmp_path, 
     def run(name, stage, model="fixedlin:net", seed=0):
         cfg = validate(PipelineConfig, {"name": name, "model": model, "data": "digits", "seed": seed,
                                         "stages": [stage]}, "test")
-        Pipeline(cfg, workdir, show_progress=False).run()
+        Pipeline(cfg, RunOptions(workdir, show_progress=False)).run()
         return workdir / name / next(iter(stage))
 
     saved = str(run("t", {"train": {"epochs": 1, "lr": 0.05}}) / "model")
@@ -306,16 +308,16 @@ def test_reuse_grows_a_certification_with_the_table_a_fresh_run_gives(tmp_path, 
         assert not (workdir / "bad" / "certify").exists()
 
 def test_the_journal_is_read_back_only_for_the_same_weights_and_images(tmp_path):
-    from deploypipe.stages.certify.stage import _resume
+    from deploypipe.stages.certify.runner import read_journal
 
     ident = {"model": "abc", "indices": [0, 5, 10]}
     rows = [{"index": 0, "radius": 0.25}, {"index": 5, "radius": 0.5}]
     path = tmp_path / "model.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [ident, *rows]) + '\n{"index": 10, "rad')  # cut short
-    assert _resume(path, ident, [0, 5, 10]) == rows
-    assert _resume(path, {**ident, "model": "abd"}, [0, 5, 10]) == []  # other weights: certify afresh
-    assert _resume(path, ident, [5, 10]) == rows[1:]
-    assert _resume(tmp_path / "none.jsonl", ident, [0]) == []
+    assert read_journal(path, ident, [0, 5, 10]) == rows
+    assert read_journal(path, {**ident, "model": "abd"}, [0, 5, 10]) == []  # other weights: certify afresh
+    assert read_journal(path, ident, [5, 10]) == rows[1:]
+    assert read_journal(tmp_path / "none.jsonl", ident, [0]) == []
 
 
 @pytest.mark.usefixtures("cli_store")

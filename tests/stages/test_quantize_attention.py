@@ -15,7 +15,7 @@ from encoder_models import EncoderClassifier
 from deploypipe.config import PipelineConfig, validate
 from deploypipe.evaluation import top1_and_loss
 from deploypipe.models import load_model
-from deploypipe.pipeline import Pipeline
+from deploypipe.pipeline import Pipeline, RunOptions
 from deploypipe.stages.quantize.attention import ExplicitMultiheadAttention, convert_attention
 from deploypipe.stages.quantize.modules import QuantLayer
 from deploypipe.stages.quantize.tensor_ops import tensor_quantizers
@@ -72,7 +72,7 @@ def test_nn_transformer_encoder_quantizes_end_to_end(workdir):
         "data": {"source": "digits", "calib_size": 128, "limit_test": 200},
         "stages": [{"train": {"epochs": 15, "batch_size": 64, "optimizer": "adamw", "lr": 5e-3}},
                    {"quantize": {"weight_bits": 4, "act_bits": 8, "iters": 100, "lr_weight": 1e-4}}]}, "test")
-    pipe = Pipeline(cfg, workdir, show_progress=False)
+    pipe = Pipeline(cfg, RunOptions(workdir, show_progress=False))
     m = pipe.run().stages[1].metrics
     model = load_model(workdir / "te" / "quantize" / "model")
     qlayers = [n for n, mod in model.named_modules() if isinstance(mod, QuantLayer)]

@@ -13,11 +13,11 @@ from deploypipe.config import PipelineConfig, validate
 from deploypipe.errors import InputError
 from deploypipe.evaluation import top1_and_loss
 from deploypipe.models import load_model
-from deploypipe.pipeline import Pipeline
+from deploypipe.pipeline import Pipeline, RunOptions
 from deploypipe.stages.quantize.mixed_precision import cost_table, layer_macs, model_bops, read_latency_table
 from deploypipe.stages.quantize.modules import QuantLayer, wrap_layers
 from deploypipe.stages.quantize.quantizer import FP16
-from deploypipe.stages.quantize.stage import QuantizeConfig
+from deploypipe.stages.quantize.config import QuantizeConfig
 
 
 def tiny():
@@ -64,9 +64,9 @@ def test_latency_table_reader(tmp_path):
     assert read_latency_table(str(good)) == {("conv", 4): 0.5, ("conv", FP16): 0.9, ("fc", 8): 0.25}
     bad = tmp_path / "bad.csv"
     bad.write_text("layer,bits,ms\nconv,four,0.5\n")
-    with pytest.raises(InputError, match="line 2 is not layer,bits,ms"):
+    with pytest.raises(ValueError, match="line 2 is not layer,bits,ms"):
         read_latency_table(str(bad))
-    with pytest.raises(InputError, match="cannot read the latency table"):
+    with pytest.raises(ValueError, match="cannot read the latency table"):
         read_latency_table(str(tmp_path / "missing.csv"))
 
 
@@ -108,7 +108,7 @@ def _bits(p):
 
 def test_bops_budget_with_an_fp16_candidate_is_the_brute_force_optimum(workdir):
     quant = {"act_bits": 8, "method": "rtn", "bit_candidates": [4, 8, "fp16"], "cost": "bops", "budget": 0.12}
-    pipe = Pipeline(config(quant), workdir, show_progress=False)
+    pipe = Pipeline(config(quant), RunOptions(workdir, show_progress=False))
     m = pipe.run().stages[1].metrics
     rows = list(csv.DictReader(open(workdir / "q" / "quantize" / "bit_allocation.csv")))
     assert {r["cost_kind"] for r in rows} == {"bops"}
@@ -143,7 +143,7 @@ def test_latency_table_budget_is_the_brute_force_optimum_and_fp16_can_win(workdi
                                                    for i, n in enumerate(names) for p in ms))
     quant = {"act_bits": 8, "method": "rtn", "bit_candidates": [4, 8, "fp16"], "cost": "latency",
              "latency_table": str(table), "max_latency_ms": 3.7}
-    m = Pipeline(config(quant), workdir, show_progress=False).run().stages[1].metrics
+    m = Pipeline(config(quant), RunOptions(workdir, show_progress=False)).run().stages[1].metrics
     rows = list(csv.DictReader(open(workdir / "q" / "quantize" / "bit_allocation.csv")))
     assert [r["layer"] for r in rows] == names
 
@@ -154,10 +154,10 @@ def test_latency_table_budget_is_the_brute_force_optimum_and_fp16_can_win(workdi
     assert chosen == pytest.approx(brute_force(rows, latency, 3.7), abs=1e-9)
     assert m["ip_max_latency_ms"] == pytest.approx(sum(latency(r, r["precision"]) for r in rows)) and m["ip_max_latency_ms"] <= 3.7
     with pytest.raises(InputError, match="smallest feasible max_latency_ms .* is 3.0"):
-        Pipeline(config({**quant, "max_latency_ms": 2.0}), workdir, out_dir=workdir / "tight", show_progress=False).run()
+        Pipeline(config({**quant, "max_latency_ms": 2.0}), RunOptions(workdir, out_dir=workdir / "tight", show_progress=False)).run()
     table.write_text("layer,bits,ms\n4,4,1.0\n")
     with pytest.raises(InputError, match="no entry for layer 4 at w8"):
-        Pipeline(config(quant), workdir, out_dir=workdir / "partial", show_progress=False).run()
+        Pipeline(config(quant), RunOptions(workdir, out_dir=workdir / "partial", show_progress=False)).run()
 
 
 def test_storage_bytes_counts_quantized_weights_at_their_bits():

@@ -10,7 +10,7 @@ from conftest import last_json, run_cli, run_main
 from deploypipe.config import PipelineConfig, validate
 from deploypipe.evaluation import top1_and_loss
 from deploypipe.models import load_model
-from deploypipe.pipeline import Pipeline
+from deploypipe.pipeline import Pipeline, RunOptions
 from deploypipe.stages.quantize.modules import QuantLayer
 from deploypipe.stages.quantize.quantizer import qrange, quantize_codes
 
@@ -26,7 +26,7 @@ def test_quantize_stage_end_to_end(workdir, mode):
     tuning = {"bn_tuning": True, "bias_tuning": True, "bias_steps": 100} if mode == "sequential" else {}
     cfg = config({"weight_bits": 3, "act_bits": 4, "method": "adaquant", "mode": mode, "iters": 150,
                   "lr_weight": 1e-4, **tuning})
-    pipe = Pipeline(cfg, workdir, show_progress=False)
+    pipe = Pipeline(cfg, RunOptions(workdir, show_progress=False))
     summary = pipe.run()
     m = summary.stages[1].metrics
     assert m["size_fraction_of_fp32"] < 0.2 and m["cache_peak_mb"] > 0
@@ -94,7 +94,7 @@ def test_mixed_precision_is_optimal_for_the_measured_deltas_and_reports_infeasib
     from deploypipe.errors import InputError
 
     quant = {"act_bits": 8, "method": method, "iters": 30, "bit_candidates": [2, 4, 8], "budget": 0.12}
-    pipe = Pipeline(config({**quant, "sweep": [0.2, 0.09, 0.12, 0.01]}), workdir, show_progress=False)
+    pipe = Pipeline(config({**quant, "sweep": [0.2, 0.09, 0.12, 0.01]}), RunOptions(workdir, show_progress=False))
     m = pipe.run().stages[1].metrics
     front = list(csv.DictReader(open(workdir / "q" / "quantize" / "pareto.csv")))
     assert [float(r["budget"]) for r in front] == [0.09, 0.12, 0.2]  # 0.01 is infeasible: skipped
@@ -117,7 +117,7 @@ def test_mixed_precision_is_optimal_for_the_measured_deltas_and_reports_infeasib
     assert [model.get_submodule(r["layer"]).w_bits for r in rows] == [int(r["bits"]) for r in rows]
     smallest = (fixed + sum(2 * int(r["params"]) for r in rows)) / fp_bits
     with pytest.raises(InputError, match=f"smallest feasible budget .* is {math.ceil(smallest * 1e4) / 1e4}"):
-        Pipeline(config({**quant, "budget": 0.03}), workdir, out_dir=workdir / "tight", show_progress=False).run()
+        Pipeline(config({**quant, "budget": 0.03}), RunOptions(workdir, out_dir=workdir / "tight", show_progress=False)).run()
     assert not (workdir / "tight" / "quantize").exists()
 
 
@@ -129,7 +129,7 @@ def test_transformer_encoder_quantizes_end_to_end(workdir):
         "name": "vit", "model": vit, "data": {"source": "digits", "calib_size": 128},
         "stages": [{"train": {"epochs": 3, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.05}},
                    {"quantize": {"weight_bits": 4, "act_bits": 8, "iters": 40, "lr_weight": 1e-4}}]}, "test")
-    pipe = Pipeline(cfg, workdir, show_progress=False)
+    pipe = Pipeline(cfg, RunOptions(workdir, show_progress=False))
     m = pipe.run().stages[1].metrics
     model = load_model(workdir / "vit" / "quantize" / "model")
     qlayers = [n for n, mod in model.named_modules() if isinstance(mod, QuantLayer)]
@@ -143,7 +143,7 @@ def test_transformer_encoder_quantizes_end_to_end(workdir):
 
 def test_unsigned_grids_only_where_inputs_are_never_negative(workdir):
     cfg = config({"method": "rtn", "unsigned_activations": True, "export_onnx": False})
-    Pipeline(cfg, workdir, show_progress=False).run()
+    Pipeline(cfg, RunOptions(workdir, show_progress=False)).run()
     rows = {r["layer"]: r["a_signed"] for r in csv.DictReader(open(workdir / "q" / "quantize" / "layers.csv"))}
     # digits_cnn: the first conv sees normalised (signed) pixels; every later layer follows a ReLU
     assert rows == {"1": "True", "4": "False", "8": "False", "13": "False"}

@@ -16,7 +16,7 @@ from deploypipe.config import DataSpec, PipelineConfig, validate
 from deploypipe.data import load_data
 from deploypipe.evaluation import top1_and_loss
 from deploypipe.models import load_model
-from deploypipe.pipeline import Pipeline
+from deploypipe.pipeline import Pipeline, RunOptions
 from deploypipe.stages.quantize.calibrate import init_ranges, init_tensor_ranges
 from deploypipe.stages.quantize.modules import fold_batchnorm, quantizable_layers, wrap_layers
 from deploypipe.stages.quantize.onnx_export import export_onnx, onnx_parity
@@ -170,7 +170,7 @@ def test_stage_quantizes_residual_adds_and_the_model_reloads_exactly(workdir):
         "name": "r", "model": resnet, "data": {"source": "digits", "calib_size": 128, "limit_test": 200},
         "stages": [{"train": {"epochs": 1, "batch_size": 64, "lr": 0.05}},
                    {"quantize": {"weight_bits": 4, "act_bits": 8, "method": "rtn", "bn_tuning": True}}]}, "test")
-    pipe = Pipeline(cfg, workdir, show_progress=False)
+    pipe = Pipeline(cfg, RunOptions(workdir, show_progress=False))
     m = pipe.run().stages[1].metrics
     model = load_model(workdir / "r" / "quantize" / "model")
     quantizers = tensor_quantizers(model)

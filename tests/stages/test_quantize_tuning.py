@@ -123,18 +123,23 @@ def test_bias_tuning_lowers_the_kl_to_fp_logits():
 
 
 def test_noisy_calibration_batches_repeat_exactly_and_have_the_asked_noise():
-    from types import SimpleNamespace
-
     from deploypipe.config import DataSpec
     from deploypipe.data import load_data
-    from deploypipe.stages.quantize.stage import calibration_batches
+    from deploypipe.stages.quantize.config import QuantizeConfig
+    from deploypipe.stages.quantize.ptq import calibration_batches
 
-    ctx = SimpleNamespace(data=load_data(DataSpec(source="digits", calib_size=512)), seed=3)
-    clean = torch.cat(list(calibration_batches(ctx, 100)))
-    assert torch.equal(clean, torch.cat([x for x, _ in ctx.data.calib.batches(100)]))
-    first = list(calibration_batches(ctx, 100, 0.25))
-    second = list(calibration_batches(ctx, 100, 0.25))
+    data = load_data(DataSpec(source="digits", calib_size=512))
+    calib = [x for x, _ in data.calib.batches(100)]
+
+    def batches(sigma, size=100):
+        cfg = QuantizeConfig(calib_noise_sigma=sigma, calib_batch_size=size)
+        return list(calibration_batches(torch.cat(calib), cfg, 3, torch.device("cpu"))())
+
+    clean = torch.cat(batches(0.0))
+    assert torch.equal(clean, torch.cat(calib))
+    first, second = batches(0.25), batches(0.25)
     assert all(torch.equal(a, b) for a, b in zip(first, second))  # every AdaQuant pass sees the same images
     noise = torch.cat(first) - clean
     assert noise.std().item() == pytest.approx(0.25, rel=0.02) and abs(noise.mean().item()) < 0.01
-    assert not torch.equal(first[0] - clean[:100], first[1] - clean[100:200])  # fresh noise per batch
+    assert not torch.equal(first[0] - clean[:100], first[1] - clean[100:200])  # fresh noise per image
+    assert torch.equal(torch.cat(batches(0.25, size=64)), torch.cat(first))  # whatever the batch size
