@@ -32,6 +32,9 @@ sys.path.insert(0, str(HERE))
 from paired_acr import accounting_lines, drs_against_rs, paired_difference, read_radii, verdict  # noqa: E402 (after the path insert)
 from runner import run_deploypipe  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import Report, add_report_argument  # noqa: E402 (after the path insert)
+
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
 
 
@@ -64,7 +67,9 @@ def main() -> None:
     ap.add_argument("--grow", action="store_true",
                     help="certify --reuse each row's earlier output in --out (e.g. --every 20 after --every 100): the "
                          "certificates of the images both select are read back, only the new images are certified")
+    add_report_argument(ap)
     args = ap.parse_args()
+    report = Report(args.report, 'Certify: randomized and dual randomized smoothing on CIFAR-10').start()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -154,6 +159,7 @@ def main() -> None:
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     plot(rows, out / "certified_accuracy.png")
+    report.finish(text)
 
 
 def reference_formula_acr(drs_csv: str, sigma: float) -> float:

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import Report, add_report_argument  # noqa: E402 (after the path insert)
+
 
 def load_reference(code_dir: Path, device: torch.device):
     """Cohen et al.'s ``Smooth`` class from their core.py, with the two run-time adaptations above."""
@@ -73,7 +76,9 @@ def main() -> None:
                     help="deploypipe's forward chunk (default: certify's own, 64 on the CPU)")
     ap.add_argument("--reference-batches", default="",
                     help="also time the reference at these other batch sizes, e.g. 128, comma-separated")
+    add_report_argument(ap)
     args = ap.parse_args()
+    report = Report(args.report, "Certify: throughput against Cohen et al.'s core.py").start()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
@@ -136,6 +141,7 @@ def main() -> None:
     for r in rows:
         res = ", ".join(f"{p}({y})/{rad:.3f}" for (p, rad), y in zip(r["results"], labels))
         print(f"| {r['name']} | {r['s_per_image']:.2f} | {r['samples_per_s']:,.0f} | {base / r['s_per_image']:.2f}x | {res} |")
+    report.finish()
 
 
 if __name__ == "__main__":

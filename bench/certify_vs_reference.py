@@ -35,6 +35,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from certify_throughput import load_reference  # noqa: E402 (after the path insert)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import Report, add_report_argument  # noqa: E402 (after the path insert)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -46,7 +49,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reference-csv", help="keep the reference's per-image results here; when the file exists, "
                     "read them back instead of rerunning the reference")
+    add_report_argument(ap)
     args = ap.parse_args()
+    report_file = Report(args.report, "Certify: deploypipe against Cohen et al.'s core.py on the same images").start()
     torch.set_num_threads(args.threads)
     from scipy import stats
 
@@ -80,6 +85,7 @@ def main() -> None:
         ref = [{"prediction": int(c["prediction"]), "radius": float(c["radius"]), "correct": int(c["correct"])} for c in cached]
         seconds = float(cached[0]["seconds_per_image"])
         report(args, cfg, ours, ref, seconds)
+        report_file.finish()
         return
     model = load_model(args.model).eval()
     data = load_data(DataSpec(source=args.data))
@@ -102,6 +108,7 @@ def main() -> None:
             writer.writeheader()
             writer.writerows({"index": int(r["index"]), **x, "seconds_per_image": seconds} for r, x in zip(ours, ref))
     report(args, cfg, ours, ref, seconds)
+    report_file.finish()
 
 
 def report(args, cfg: dict, ours: list[dict], ref: list[dict], seconds: float) -> None:

@@ -13,6 +13,10 @@ model's features a noise fine-tuning starts from.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import sys
+
 import argparse
 
 import torch
@@ -22,6 +26,9 @@ from deploypipe.data import diagonal_split, load_data
 from deploypipe.models import load_model
 from deploypipe.stages.train.side_input import grid_fill
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import Report, add_report_argument  # noqa: E402 (after the path insert)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -30,7 +37,9 @@ def main() -> None:
     ap.add_argument("--limit-test", type=int, default=2000, help="test images (a seeded subset; 0 = all)")
     ap.add_argument("--sigmas", default="0.18,0.36", help="noise levels for the noisy columns")
     ap.add_argument("--threads", type=int, default=2)
+    add_report_argument(ap)
     args = ap.parse_args()
+    report = Report(args.report, 'DRS side inputs: what a full-image model makes of each view').start()
     torch.set_num_threads(args.threads)
     model = load_model(args.model).eval()
     test = load_data(DataSpec(source=args.data, limit_test=args.limit_test or None)).test
@@ -59,6 +68,7 @@ def main() -> None:
     for view in views:
         row = [top1(view, s) for s in [0.0, *sigmas]]
         print(f"| {view} | " + " | ".join(f"{100 * a:.2f}" for a in row) + " |", flush=True)
+    report.finish()
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ from typing import Optional
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import Report, add_report_argument  # noqa: E402 (after the path insert)
+
 
 def read_radii(path: str | Path) -> dict[int, float]:
     """Test-image index -> certified radius, 0 where the prediction is wrong or abstains."""
@@ -126,7 +129,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("first", help="certify output folder, certify.csv or journal (.jsonl)")
     ap.add_argument("second", help="the same, for the run compared against the first")
+    add_report_argument(ap)
     args = ap.parse_args()
+    report = Report(args.report, 'Paired ACR difference of two certifications').start()
     a, b = read_radii(args.first), read_radii(args.second)
     diff, se, n = paired_difference(a, b)
     common = a.keys() & b.keys()
@@ -140,6 +145,7 @@ def main() -> None:
         print(f"RS at sigma {first['sigma']}, DRS at {second['sigma']}: per unit of confidence DRS's radius is "
               f"{p['k']:.3f}x RS's (sigma_drs * sqrt(2) / sigma_rs)")
         print("\n".join(accounting_lines(p)))
+    report.finish()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from runner import run_deploypipe  # noqa: E402 (after the path insert)
+from report import Report, add_report_argument  # noqa: E402 (after the path insert)
+from runner import run_deploypipe  # noqa: E402
 
 SETTINGS = [("W8A8", 8, 8), ("W4A8", 4, 8), ("W4A4", 4, 4), ("W3A4", 3, 4)]
 
@@ -52,7 +53,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--peers-only", action="store_true", help="run only the peers (and print their table)")
+    ap.add_argument("--settings", default=",".join(name for name, _, _ in SETTINGS),
+                    help="which rows to run, e.g. W8A8,W4A8 (default: all four)")
+    ap.add_argument("--skip-mixed", action="store_true", help="leave out the mixed-precision run")
+    add_report_argument(ap)
     args = ap.parse_args()
+    report = Report(args.report, "Quantize: CIFAR-10 ResNet-20, deploypipe against ONNX Runtime and NNCF").start()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -68,7 +74,7 @@ def main() -> None:
         print(render({**results, "rows": {}}))
         return
     print("deploypipe quantize runs:", flush=True)
-    for name, w, a in SETTINGS:
+    for name, w, a in [s for s in SETTINGS if s[0] in args.settings.split(",")]:
         bits = ["--weight-bits", str(w), "--act-bits", str(a)]
         row = {}
         for rng in ("minmax", "percentile"):
@@ -82,14 +88,15 @@ def main() -> None:
                    peak_rss_mb=m["peak_rss_mb"], cache_peak_mb=m["cache_peak_mb"],
                    size_fraction=m["size_fraction_of_fp32"], onnx_agreement=m["onnx_top1_agreement"])
         results["rows"][name] = row
-    m = run_stage("mixed", common + ["--act-bits", "8", "--bit-candidates", "2,3,4,8", "--budget", "0.10",
-                                     "--sweep", "0.10,0.13", "--no-export-onnx"], out, args.threads)
-    import csv
+    if not args.skip_mixed:
+        m = run_stage("mixed", common + ["--act-bits", "8", "--bit-candidates", "2,3,4,8", "--budget", "0.10",
+                                         "--sweep", "0.10,0.13", "--no-export-onnx"], out, args.threads)
+        import csv
 
-    front = list(csv.DictReader(open(out / "mixed" / "quantize" / "pareto.csv")))
-    results["mixed"] = {"points": front, "ip_solve_seconds": m["ip_solve_seconds"],
-                        "calibration_seconds": m["calibration_seconds"], "peak_rss_mb": m["peak_rss_mb"],
-                        "wall_seconds": m["wall_seconds"]}
+        front = list(csv.DictReader(open(out / "mixed" / "quantize" / "pareto.csv")))
+        results["mixed"] = {"points": front, "ip_solve_seconds": m["ip_solve_seconds"],
+                            "calibration_seconds": m["calibration_seconds"], "peak_rss_mb": m["peak_rss_mb"],
+                            "wall_seconds": m["wall_seconds"]}
 
     if not args.skip_peers:
         results["peers"] = run_peers(args, out)
@@ -97,6 +104,18 @@ def main() -> None:
     md = render(results)
     (out / "results.md").write_text(md)
     print(md)
+    report.finish(md, headline(results))
+
+
+def headline(r: dict) -> str:
+    """The README's one line: each row's output model (AdaQuant + BN + bias tuning, the steps kept by
+    their calibration-set guards; no step is picked on the test split) against FP32."""
+    parts = []
+    for name, row in r["rows"].items():
+        final = row["bias"]
+        parts.append(f"{name} {pct(final)}% ({100 * (final - row['fp']):+.2f} pt, {row['size_fraction']:.3f} of the size)")
+    fp = next(iter(r["rows"].values()))["fp"] if r["rows"] else None
+    return (f"top-1 with FP32 at {pct(fp)}%: " if fp is not None else "") + "; ".join(parts)
 
 
 def run_peers(args, out: Path) -> dict:

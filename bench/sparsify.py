@@ -21,7 +21,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from runner import run_deploypipe  # noqa: E402 (after the path insert)
+from report import Report, add_report_argument  # noqa: E402 (after the path insert)
+from runner import run_deploypipe  # noqa: E402
 
 RECIPES = ["srste", "mdgf", "sdgf"]
 
@@ -43,7 +44,9 @@ def main() -> None:
     ap.add_argument("--dense-control", action="store_true",
                     help="also fine-tune each dense model the same way without sparsity (train stage, same optimizer, "
                          "learning rate, epochs and data): what the extra training alone gives")
+    add_report_argument(ap)
     args = ap.parse_args()
+    report = Report(args.report, 'Sparsify: CIFAR-10 N:M fine-tuning, SR-STE against progressive gradient flow (MDGF, SDGF)').start()
     if not (args.model or args.vit):
         ap.error("give --model (ResNet-20), --vit (small ViT) or both")
     out = Path(args.out)
@@ -78,6 +81,7 @@ def main() -> None:
     text = render(results)
     (out / "results.md").write_text(text + "\n")
     print(text)
+    report.finish(text)
 
 
 def pct(x) -> str:

@@ -136,7 +136,7 @@ def cli() -> None:
 
     \b
     Examples:
-      deploypipe demo                                   # embedded digits data, < 5 min on 2 cores
+      deploypipe demo                                   # the demo pipeline on the embedded digits
       deploypipe run examples/demo.yaml --workdir runs  # a YAML pipeline
       deploypipe train --model zoo:resnet20 --data imagefolder:../shared/data/cifar10 --epochs 15
       deploypipe evaluate --model runs/train/train/model --data imagefolder:../shared/data/cifar10
@@ -172,7 +172,7 @@ def run_cmd(pipeline: Path, only: tuple[str, ...], force: bool, workdir: Path, t
 @common_options
 def demo_cmd(force: bool, workdir: Path, tracking_uri: Optional[str], experiment: Optional[str],
              device: Optional[str], seed: Optional[int], as_json: bool) -> None:
-    """Run examples/demo.yaml on the embedded digits data (offline, a few minutes on 2 cores).
+    """Run examples/demo.yaml on the embedded digits data (offline).
 
     \b
     Example:

@@ -121,7 +121,7 @@ class Splits:
 # --------------------------------------------------------------------------- sources
 def _digits_file() -> Optional[Path]:
     """scikit-learn's bundled digits table (1,797 rows of 64 pixels in 0..16 and the digit), found
-    without importing scikit-learn (~1.5 s of every CLI start that uses the embedded data)."""
+    without importing scikit-learn (whose import would slow every CLI start that uses the embedded data)."""
     spec = importlib.util.find_spec("sklearn")
     for root in (spec.submodule_search_locations or []) if spec else []:
         path = Path(root) / "datasets" / "data" / "digits.csv.gz"
@@ -221,7 +221,7 @@ def _decode_folder(root: Path, image_size: Optional[int],
 
 
 def _content_digest(images: np.ndarray, labels: np.ndarray, classes: list[str]) -> str:
-    """sha256 of decoded images, labels and class names (about 0.2 s for CIFAR-10's 60,000 images)."""
+    """sha256 of decoded images, labels and class names."""
     h = hashlib.sha256(json.dumps([classes, list(images.shape)]).encode())
     h.update(np.ascontiguousarray(images).data)
     h.update(np.ascontiguousarray(labels, dtype=np.int64).data)

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from deploypipe.schema import Schema
 
-CPU_FORWARD_BATCH = 64  # CIFAR ResNet-20 on 2 cores: 1.1-1.2x (ONNX Runtime) and 1.3x (bfloat16) the rate at 1000
+CPU_FORWARD_BATCH = 64  # a CPU runs a small network faster on chunks that stay in its caches (bench/certify_throughput.py)
 MIN_FORWARD_CHUNK = 8  # out of memory: halve the forward chunk down to this before the batch size (other noise)
 
 
@@ -50,7 +50,7 @@ class CertifyConfig(Schema):
     runtime: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto",
         description="where the base classifier runs: auto = ONNX Runtime on the CPU when the exported model agrees with"
-                    " PyTorch on noisy probes (1.3-2.5x faster there), else PyTorch")
+                    " PyTorch on noisy probes (faster there), else PyTorch")
     reuse: Optional[str] = Field(
         None,
         description="an earlier certify output folder (<out>/certify) of the same classifiers, seed, data and settings:"

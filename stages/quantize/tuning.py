@@ -11,17 +11,17 @@ with (m_q, s_q) the quantized layer's output statistics on the calibration set. 
 the quantized layer exactly: the weight and its per-channel scale are multiplied by the same factor
 (the integer codes do not change) and the bias is updated. Layers are processed in order, each
 measured after the ones before it were corrected. The stage's default target (``bn_target: fp``)
-is the FP model's own measured (m_t, s_t) at that layer instead of (beta, |gamma|): on a CIFAR
-ResNet-20 after AdaQuant at W4A4 the (beta, |gamma|) target lost 2.2 pt (84.58% -> 82.41%), because
-BN's running statistics come from augmented training batches and differ from the statistics on
-clean calibration images; the measured target only removes what quantization changed.
+is the FP model's own measured (m_t, s_t) at that layer instead of (beta, |gamma|): BN's running
+statistics come from augmented training batches and differ from the statistics on clean
+calibration images, so the (beta, |gamma|) target also pulls the model towards them (it cost
+accuracy on a CIFAR ResNet-20 after AdaQuant); the measured target only removes what quantization
+changed.
 
 Even so, re-estimation can hurt after AdaQuant, which already fitted each layer's output (bias
 included) to the FP output: the quantized output's variance includes quantization noise, so matching
-the FP variance shrinks the signal. On a user's CIFAR ResNet-20 at W4A4 it took AdaQuant's 84.80% to
-84.30% (mean-only correction: 84.68%), and the calibration-set KL to the FP logits rose with it
-(0.0295 -> 0.0359). So the stage keeps the correction only if it lowers that KL (``guard``): a
-decision made on calibration data, never on the test split.
+the FP variance shrinks the signal (on a CIFAR ResNet-20 at W4A4 it lowered AdaQuant's test accuracy,
+and the calibration-set KL to the FP logits rose with it). So the stage keeps the correction only if
+it lowers that KL (``guard``): a decision made on calibration data, never on the test split.
 
 Bias tuning. Only the biases of the quantized layers are trained, to minimise
 KL(softmax(FP logits) || softmax(quantized logits)) on the calibration set (for a model whose output
