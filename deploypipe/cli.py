@@ -61,10 +61,12 @@ def common_options(fn: Callable) -> Callable:
 
 def _execute(cfg: PipelineConfig, options: Any, as_json: bool) -> None:
     """Run ``cfg`` with ``options`` (a deploypipe.pipeline.RunOptions) and print the summary."""
+    from .distributed import is_main_process
     from .pipeline import Pipeline
 
     summary = Pipeline(cfg, options).run()
-    _print_summary(summary, options.workdir, as_json)
+    if is_main_process():  # under torchrun rank 0 speaks for all
+        _print_summary(summary, options.workdir, as_json)
 
 
 def _options(workdir: Path, tracking_uri: Optional[str], experiment: Optional[str], device: Optional[str],

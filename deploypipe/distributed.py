@@ -47,6 +47,12 @@ def init_process_group(device: torch.device) -> bool:
     return dist.get_world_size() > 1
 
 
+def destroy_process_group() -> None:
+    """Leave the process group (at the end of a torchrun pipeline)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

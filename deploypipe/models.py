@@ -171,7 +171,19 @@ def read_record(path: str | Path) -> ModelRecord:
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a saved model (any stage's output) exactly, in eval mode."""
+    """Rebuild a saved model (any stage's output) exactly, in eval mode: the factory, then the
+    transforms the record lists (quantized layers, N:M layers, ...), then the weights, loaded with
+    ``weights_only=True`` (no pickle).
+
+    >>> import tempfile, torch
+    >>> from deploypipe import load_model
+    >>> from deploypipe.models import ModelRecord, build_model, save_model
+    >>> record = ModelRecord(factory="zoo:digits_cnn", input_shape=[1, 8, 8], num_classes=10)
+    >>> net = build_model(record)
+    >>> again = load_model(save_model(net, record, tempfile.mkdtemp()))
+    >>> all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    True
+    """
     path = Path(path)
     model = build_model(read_record(path))
     _load_state(model, _read_state(path / "weights.pt", map_location), str(path / "weights.pt"), "this saved model")

@@ -42,7 +42,7 @@ from .data import Splits, load_data
 from .errors import InputError, StageFailed
 from .models import (ModelRecord, check_fits_data, content_hash, factory_source, is_model_dir, load_model,
                      model_from_spec, read_record, save_model)
-from .distributed import barrier, init_process_group, launched_ranks
+from .distributed import barrier, destroy_process_group, init_process_group, launched_ranks
 from .stage import NullTracker, StageContext, StageDef, StageResult, load_stages
 from .tracking import StageTracker, Tracker, check_reachable, default_uri, resolve_uri
 
@@ -267,11 +267,18 @@ class Pipeline:
     def run(self) -> PipelineSummary:
         only, force = self.options.only, self.options.force
         self._check_selection(only, force)
-        if self.mode == "ddp":
-            init_process_group(self.device)
-        if not self.writes:  # a DDP rank > 0: computes with rank 0, writes nothing
-            barrier()  # rank 0 has its folders and lock
-            return self._run_locked(only, force)
+        if self.mode != "ddp":
+            return self._run_writing(only, force)
+        init_process_group(self.device)
+        try:
+            if not self.writes:  # a DDP rank > 0: computes with rank 0, writes nothing
+                barrier()  # rank 0 has its folders and lock
+                return self._run_locked(only, force)
+            return self._run_writing(only, force)
+        finally:
+            destroy_process_group()
+
+    def _run_writing(self, only: Optional[list[str]], force: bool) -> PipelineSummary:
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self.out_dir.mkdir(parents=True, exist_ok=True)

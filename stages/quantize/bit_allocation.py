@@ -53,7 +53,14 @@ def _check_tables(dloss: Table, cost: Table) -> list[str]:
 def allocate_bits(dloss: Table, cost: Table, *, budget: Optional[float] = None, max_loss: Optional[float] = None,
                   time_limit: Optional[float] = None) -> Allocation:
     """Choose one precision per layer: least total dloss within ``budget`` (primal), or least total
-    cost with total dloss at most ``max_loss`` (dual). Exactly one of the two must be given."""
+    cost with total dloss at most ``max_loss`` (dual). Exactly one of the two must be given.
+
+    >>> from deploypipe import allocate_bits
+    >>> dloss = {"conv1": {4: 0.30, 8: 0.0}, "conv2": {4: 0.01, 8: 0.0}}   # loss increase per precision
+    >>> cost = {"conv1": {4: 400, 8: 800}, "conv2": {4: 4000, 8: 8000}}    # bits of storage
+    >>> allocate_bits(dloss, cost, budget=5000).choice                      # the sensitive layer keeps 8 bits
+    {'conv1': 8, 'conv2': 4}
+    """
     if (budget is None) == (max_loss is None):
         raise ValueError("give exactly one of budget (minimise loss) or max_loss (minimise cost)")
     layers = _check_tables(dloss, cost)
