@@ -28,8 +28,8 @@ _EXPORTS = {
     "QuantizeReport": "deploypipe.stages.quantize.ptq",
     "allocate_bits": "deploypipe.stages.quantize.bit_allocation",
     "InfeasibleBudget": "deploypipe.stages.quantize.bit_allocation",
-    "export_onnx": "deploypipe.stages.quantize.onnx_export",
-    "onnx_parity": "deploypipe.stages.quantize.onnx_export",
+    "export_onnx": "deploypipe.onnx_export",
+    "onnx_parity": "deploypipe.onnx_export",
     # sparsify: N:M sparse training (SR-STE, MDGF, SDGF)
     "sparsify": "deploypipe.stages.sparsify.nm_training",
     "SparsifyConfig": "deploypipe.stages.sparsify.config",

@@ -179,7 +179,7 @@ def test_sparsify_a_dict_batch_model_from_a_list_of_batches():
 
 
 @pytest.mark.parametrize("module", ["deploypipe.stages.quantize.ptq", "deploypipe.stages.sparsify.nm_training",
-                                    "deploypipe.stages.certify.smoothing", "deploypipe.stages.quantize.onnx_export",
+                                    "deploypipe.stages.certify.smoothing", "deploypipe.onnx_export",
                                     "deploypipe.stages.quantize.bit_allocation", "deploypipe.models"])
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)

@@ -37,8 +37,7 @@ def imports(path: Path) -> set[str]:
 
 def method_modules() -> list[Path]:
     found = [p for p in STAGES.glob("*/*.py") if p.stem not in ADAPTERS and p.stem != "__init__"]
-    return sorted(found) + [REPO / "deploypipe" / "training.py", REPO / "deploypipe" / "batches.py",
-                            REPO / "deploypipe" / "noise.py"]
+    return sorted(found) + [REPO / "deploypipe" / f"{m}.py" for m in ("training", "batches", "noise", "onnx_export")]
 
 
 @pytest.mark.parametrize("path", method_modules(), ids=lambda p: f"{p.parent.name}/{p.name}")

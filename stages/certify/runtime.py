@@ -1,11 +1,12 @@
 """Where the base classifier runs while certifying: PyTorch, or ONNX Runtime on the CPU.
 
 Certification is millions of forward passes of one fixed model, and on a CPU ONNX Runtime runs a
-small CIFAR network faster than PyTorch's eager mode (bench/certify_throughput.py measures it). With
-``runtime: auto`` a PyTorch model on the CPU is exported to ONNX (float32, dynamic batch) and
+small CIFAR network faster than PyTorch's eager mode (bench/certify_throughput.py measures it).
+With ``runtime: auto`` a PyTorch model on the CPU is exported to ONNX (float32, dynamic batch) and
 certified in ONNX Runtime if, on noisy copies of test images, the two agree on every prediction and
-their logits differ by less than 1e-3 (else it stays in PyTorch, with the reason in the log). The certificate is for the classifier that ran, so the choice
-never affects soundness; ``runtime: torch`` forces PyTorch.
+their logits differ by less than 1e-3 (else it stays in PyTorch, with the reason in the log). The
+certificate is for the classifier that ran, so the choice never affects soundness; ``runtime:
+torch`` forces PyTorch.
 """
 
 from __future__ import annotations

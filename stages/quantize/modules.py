@@ -88,6 +88,15 @@ class QuantLayer(nn.Module):
     def quantized_bias(self) -> Optional[torch.Tensor]:
         return self._bias(self.layer.bias, self.weight_scale, self.act_scale)
 
+    @torch.no_grad()
+    def snap_to_grid(self) -> None:
+        """Put the stored weight (and bias) on their grids, so that plain Q/DQ on them in an exported
+        file is exact (deploypipe.onnx_export calls it on a copy)."""
+        if self.w_bits and self.w_bits != FP16:
+            if self.layer.bias is not None:
+                self.layer.bias.copy_(self.quantized_bias())
+            self.layer.weight.copy_(self.quantized_weight())
+
     def forward_with(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      weight_scale: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
         """The forward pass with the given tensors in place of the module's own (for AdaQuant)."""

@@ -20,12 +20,12 @@ import torch
 from matplotlib.figure import Figure
 
 from deploypipe.evaluation import top1_and_loss
+from deploypipe.onnx_export import export_onnx, onnx_parity
 from deploypipe.progress import log
 from deploypipe.stage import StageContext, StageResult, register
 
 from .config import QuantizeConfig
 from .modules import TRANSFORM_MODULE
-from .onnx_export import export_onnx, onnx_parity
 from .ptq import quantize
 from .quantizer import FP16
 

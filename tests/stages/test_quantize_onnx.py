@@ -14,7 +14,7 @@ from deploypipe.config import DataSpec
 from deploypipe.data import load_data
 from deploypipe.stages.quantize.calibrate import init_ranges
 from deploypipe.stages.quantize.modules import fold_batchnorm, quantizable_layers, wrap_layers
-from deploypipe.stages.quantize.onnx_export import export_onnx, onnx_parity
+from deploypipe.onnx_export import export_onnx, onnx_parity
 from deploypipe.zoo import digits_cnn, vit_tiny
 
 

@@ -19,7 +19,7 @@ from deploypipe.models import load_model
 from deploypipe.pipeline import Pipeline, RunOptions
 from deploypipe.stages.quantize.calibrate import init_ranges, init_tensor_ranges
 from deploypipe.stages.quantize.modules import fold_batchnorm, quantizable_layers, wrap_layers
-from deploypipe.stages.quantize.onnx_export import export_onnx, onnx_parity
+from deploypipe.onnx_export import export_onnx, onnx_parity
 from deploypipe.stages.quantize.quantizer import fake_quant
 from deploypipe.stages.quantize.tensor_ops import (ActQuant, QuantAttention, insert_tensor_quantizers, set_enabled,
                                                    tensor_quantizers)

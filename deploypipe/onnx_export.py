@@ -1,12 +1,11 @@
-"""ONNX export of any model deploypipe makes (quantized ones with QuantizeLinear/DequantizeLinear),
-and its parity check in ONNX Runtime.
+"""ONNX export of any model deploypipe makes, and its parity check in ONNX Runtime; shared by the
+quantize stage (its Q/DQ file) and the export stage.
 
-Follows TensorRT's explicit-quantization rules where our fake-quant model defines them: symmetric
-(zero point 0), weights per output channel (axis 0), activations per tensor, Q/DQ on the inputs of
-Conv/Gemm/MatMul layers that were quantized, never on biases; opset 17. Weights below 8 bits ship on
-the INT8 grid with the same scale (exact), activations below 8 bits as INT8 after a Clip (exact).
-Residual-add inputs and attention matmul inputs get Q/DQ too (tensor_ops.py quantizes them in the
-fake-quant model, so the file and the model compute the same thing).
+A quantized model writes its own QuantizeLinear/DequantizeLinear nodes (the quantize stage's layers
+switch to an export form under ``torch.onnx.is_in_onnx_export()``) and puts its weights on their
+grids first (modules with a ``snap_to_grid()`` method), following TensorRT's explicit-quantization
+rules: symmetric (zero point 0), weights per output channel (axis 0), activations per tensor, Q/DQ
+on the inputs of Conv/Gemm/MatMul and of residual adds, never on biases; opset 17.
 
 Inputs are named after the example batch: ``images`` for an image tensor, the keys of a dict batch
 (``input_ids``, ``attention_mask``, ...) otherwise. The batch dimension is dynamic, and so is the
@@ -25,11 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from deploypipe import batches as B
-from deploypipe.data import ImageSet
-
-from .modules import QuantLayer
-from .quantizer import FP16
+from . import batches as B
+from .data import ImageSet
 
 OPSET = 17
 
@@ -52,10 +48,8 @@ def _on_grid(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model).eval().cpu()
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, QuantLayer) and m.w_bits and m.w_bits != FP16:
-                if m.layer.bias is not None:
-                    m.layer.bias.copy_(m.quantized_bias())
-                m.layer.weight.copy_(m.quantized_weight())
+            if hasattr(m, "snap_to_grid"):
+                m.snap_to_grid()
     return model
 
 
