@@ -39,6 +39,12 @@ _EXPORTS = {
     "DualSmoothed": "deploypipe.stages.certify.smoothing",
     "Certificate": "deploypipe.stages.certify.smoothing",
     "ABSTAIN": "deploypipe.stages.certify.smoothing",
+    # export: ONNX, TensorRT lint and engines, deploy bundle
+    "export": "deploypipe.stages.export.exporter",
+    "ExportConfig": "deploypipe.stages.export.config",
+    "ExportReport": "deploypipe.stages.export.exporter",
+    "lint_onnx": "deploypipe.stages.export.trt_lint",
+    "build_engine": "deploypipe.stages.export.engine",
     # training, noise, models
     "Trainer": "deploypipe.training",
     "TrainOptions": "deploypipe.training",

@@ -114,7 +114,7 @@ class _Lazy(click.Group):
 
         for name, sdef in load_stages().items():
             if name not in self.commands:
-                self.add_command(_stage_command(name, sdef.config, sdef.help))
+                self.add_command(_stage_command(name, sdef.config, sdef.help, sdef))
         for name, command in COMMANDS.items():
             if name not in self.commands:
                 self.add_command(command)
@@ -328,7 +328,7 @@ def _common_flag(loc: tuple) -> Optional[str]:
     return None
 
 
-def _stage_command(name: str, schema: type, help_text: str) -> click.Command:
+def _stage_command(name: str, schema: type, help_text: str, sdef: Any = None) -> click.Command:
     params: list[click.Parameter] = []
     for field, f in schema.model_fields.items():
         ctype, flag = _click_type(f.annotation)
@@ -339,7 +339,15 @@ def _stage_command(name: str, schema: type, help_text: str) -> click.Command:
         else:
             params.append(click.Option([opt, field], type=ctype, default=None, help=desc))
 
+    extra = list(getattr(sdef, "command_options", []) or [])
+
     def callback(**kw: Any) -> None:
+        if sdef is not None and sdef.intercept is not None:
+            code = sdef.intercept(kw)
+            if code is not None:
+                raise SystemExit(code)
+        for option in extra:
+            kw.pop(option.name)
         common = {k: kw.pop(k) for k in ("workdir", "tracking_uri", "experiment", "device", "seed", "as_json")}
         model = {k: kw.pop(k) for k in ("checkpoint", "mean", "std")}
         model["spec"] = kw.pop("model")
@@ -373,8 +381,8 @@ def _stage_command(name: str, schema: type, help_text: str) -> click.Command:
         _execute(cfg, _options(**common, where=where, out_dir=out, force=force), as_json)
 
     params += [
-        click.Option(["--model", "model"], required=True, help="zoo:NAME, package.module:factory, or a saved model/ "
-                                                               "folder"),
+        click.Option(["--model", "model"], required=not extra,  # a stage's own options may make a call without one
+                     help="zoo:NAME, package.module:factory, or a saved model/ folder"),
         click.Option(["--checkpoint"], type=click.Path(path_type=Path), default=None, help="state dict for the model "
                                                                                            "(weights_only=True)"),
         click.Option(["--mean"], default=None, help="per-channel mean for a user model, e.g. 0.49,0.48,0.45"),
@@ -390,7 +398,7 @@ def _stage_command(name: str, schema: type, help_text: str) -> click.Command:
         click.Option(["--force"], is_flag=True, help="rerun even if the same stage already finished with this config "
                                                      "and input"),
     ]
-    cmd = click.Command(name, callback=callback, params=params + common_params(), help=(
+    cmd = click.Command(name, callback=callback, params=params + extra + common_params(), help=(
         f"{help_text}.\n\nRuns a one-stage pipeline; options are the stage's config keys (see 'deploypipe stages').\n\n"
         f"\b\nExample:\n  deploypipe {name} --model zoo:digits_cnn --data digits --out runs/{name}-example"))
     return cmd

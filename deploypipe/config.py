@@ -159,7 +159,10 @@ def describe_validation_error(err: ValidationError, prefix: str = "", schema: ty
             parts.append(f"{path}: required {'option' if flag else 'key'} is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ").partition(FIX)[0]
-            parts.append(f"{path} {e.get('input')}: {msg}" if flag else f"{path} = {e.get('input')!r}: {msg}")
+            if not loc:  # a check of several keys together: its message names them
+                parts.append(f"{prefix}: {msg}" if prefix else msg)
+            else:
+                parts.append(f"{path} {e.get('input')}: {msg}" if flag else f"{path} = {e.get('input')!r}: {msg}")
     return "; ".join(parts)
 
 

@@ -116,7 +116,10 @@ def onnx_parity(model: nn.Module, path: str | Path, data: ImageSet | Iterable[An
     """
     import onnxruntime as ort
 
-    model = model.eval().cpu()
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        model = copy.deepcopy(model).cpu()  # the caller's model stays where it is
+    was_training = model.training
+    model.eval()
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sessions = {"": ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]),
@@ -146,6 +149,7 @@ def onnx_parity(model: nn.Module, path: str | Path, data: ImageSet | Iterable[An
                 max_diff[key] = max(max_diff[key], float(per_sample.max()))
                 if not key:
                     differing += int((per_sample > 1e-3).sum())
+    model.train(was_training)
     out = {"onnx_images_logits_differ": differing / max(seen[""], 1)}
     for key in sessions:
         out[f"onnx_{key}{'top1_agreement' if logits else 'cosine'}"] = agree[key] / max(seen[key], 1)

@@ -420,6 +420,12 @@ class Pipeline:
         try:
             st.log_summary({**result.metrics, "stage_seconds": seconds})
             st.log_artifacts(final)
+            if result.registration:  # the files are uploaded: the version can point at them
+                reg = result.registration
+                out["registered_model"] = reg["name"]
+                out["registered_version"] = st.register_model(reg["name"], reg["path"], reg.get("tags", {}),
+                                                              reg.get("alias"))
+                st.set_tags({"deploypipe.registered_model": f"{reg['name']}/{out['registered_version']}"})
             st.end("FINISHED")
         except Exception as err:
             try:

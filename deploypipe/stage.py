@@ -38,6 +38,9 @@ class StageResult:
     record: Optional[ModelRecord] = None
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: list[Path] = field(default_factory=list)  # filled by the pipeline: the finished stage's files
+    # register a folder of the stage's output as a new version of an MLflow registered model, once the
+    # files are uploaded: {"name", "path" (inside the output), "tags", "alias"}
+    registration: Optional[dict] = None
 
 
 @dataclass
@@ -93,6 +96,9 @@ class NullTracker:
     def log_artifacts(self, directory: Path) -> None:
         pass
 
+    def register_model(self, name: str, artifact_path: str, tags: dict[str, str], alias: Optional[str]) -> str:
+        return ""
+
     def flush(self) -> None:
         pass
 
@@ -114,6 +120,10 @@ class StageDef:
     distributed: Distributed = "none"
     # the image shape the stage feeds its input model, given its config and the data's shape (default: the data's)
     model_input_shape: Optional[Callable[[Any, tuple[int, ...]], tuple[int, ...]]] = None
+    # more options for the stage's command (click.Option objects) and a function that gets the parsed
+    # options first and returns an exit code when it handled the call (e.g. ``export --check FILE``)
+    command_options: list = field(default_factory=list)
+    intercept: Optional[Callable[[dict], Optional[int]]] = None
 
 
 REGISTRY: dict[str, StageDef] = {}
@@ -127,7 +137,9 @@ def register_command(command: Any) -> Any:
 
 
 def register(name: str, help: str = "", distributed: Distributed = "none",
-             model_input_shape: Optional[Callable[[Any, tuple[int, ...]], tuple[int, ...]]] = None) -> Callable:
+             model_input_shape: Optional[Callable[[Any, tuple[int, ...]], tuple[int, ...]]] = None,
+             command_options: Optional[list] = None,
+             intercept: Optional[Callable[[dict], Optional[int]]] = None) -> Callable:
     """Register a stage; its config schema is the type of the run function's ``cfg`` argument.
     ``distributed``: what the stage does under torchrun — "shards" (divides its work by ``ctx.rank`` /
     ``ctx.world_size``, each rank writing its own folder), "ddp" (trains with DistributedDataParallel;
@@ -141,7 +153,7 @@ def register(name: str, help: str = "", distributed: Distributed = "none",
         if not (isinstance(cfg_type, type) and issubclass(cfg_type, BaseModel)):
             raise TypeError(f"stage '{name}': run(ctx, cfg) must annotate cfg with a pydantic model")
         REGISTRY[name] = StageDef(name, cfg_type, fn, help or (fn.__doc__ or "").strip().split("\n")[0],
-                                  distributed, model_input_shape)
+                                  distributed, model_input_shape, list(command_options or []), intercept)
         return fn
 
     return deco

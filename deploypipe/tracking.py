@@ -198,6 +198,20 @@ class Tracker:
             self.call("set_terminated", self.run_id, status)
 
 
+def set_model_alias(uri: str, name: str, version: str, alias: str) -> None:
+    """Point ``alias`` of registered model ``name`` at ``version`` (``deploypipe promote``)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        raise InputError(f"registered model '{name}' has no version {version} in {uri}",
+                         "check the name and version (the export stage's registered_version)") from None
+    client.set_registered_model_alias(name, alias, version)
+
+
 class StageTracker:
     """A stage's child run: buffered metrics, artifacts, final status."""
 
@@ -235,6 +249,25 @@ class StageTracker:
 
     def log_artifacts(self, directory: Path) -> None:
         self.tracker.call("log_artifacts", self.run_id, str(directory))
+
+    def register_model(self, name: str, artifact_path: str, tags: dict[str, str], alias: Optional[str]) -> str:
+        """A new version of registered model ``name`` (created when new) whose source is this run's
+        artifact folder ``artifact_path`` (``register_model`` wants a logged model; a plain artifact
+        folder goes through ``create_model_version``), with ``tags`` and ``alias``; its version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.tracker.call("create_registered_model", name)
+        except MlflowException as err:
+            if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+                raise
+        run = self.tracker.call("get_run", self.run_id)
+        source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+        mv = self.tracker.call("create_model_version", name, source, run_id=self.run_id,
+                               tags={k: str(v)[:5000] for k, v in tags.items()})
+        if alias:
+            self.tracker.call("set_registered_model_alias", name, alias, mv.version)
+        return str(mv.version)
 
     def end(self, status: str, error: Optional[str] = None) -> None:
         if error:

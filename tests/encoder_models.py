@@ -30,3 +30,16 @@ class EncoderClassifier(nn.Module):
 
 def encoder_classifier(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     return EncoderClassifier(num_classes, in_channels)
+
+
+class NoExport(nn.Module):
+    """A classifier with an op ONNX has no export for (singular values): the export stage must refuse it."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.lin = nn.Linear(64 * in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.flatten(1)
+        sv = torch.linalg.svdvals(h[:, :4].reshape(-1, 2, 2)).sum(-1, keepdim=True)
+        return self.lin(h) + 0 * sv

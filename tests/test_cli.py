@@ -37,8 +37,8 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     res = run_cli("demo", "--workdir", "store", "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = last_json(res.stdout)
-    assert [s["status"] for s in summary["stages"]] == ["ran"] * 5
-    train, sparsify, quantize, evaluate, certify = summary["stages"]
+    assert [s["status"] for s in summary["stages"]] == ["ran"] * 6
+    train, sparsify, quantize, evaluate, certify, export = summary["stages"]
     assert train["metrics"]["test_top1"] > 0.9  # digits CNN, 15 epochs
     assert sparsify["metrics"]["dense_top1"] == pytest.approx(train["metrics"]["test_top1"])
     assert sparsify["metrics"]["test_top1"] >= train["metrics"]["test_top1"] - 0.02  # 2:4 SR-STE fine-tune
@@ -54,7 +54,7 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     assert run_main("check-sparsity", str(out / "train" / "model"), "--pattern", "2:4")[0] == 1  # dense
     assert evaluate["metrics"]["test_top1"] == pytest.approx(quantize["metrics"]["test_top1"])  # it got the quantized model
     client = MlflowClient(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
-    runs = check_runs(client, summary["run_id"], ["train", "sparsify", "quantize", "evaluate", "certify"])
+    runs = check_runs(client, summary["run_id"], ["train", "sparsify", "quantize", "evaluate", "certify", "export"])
     assert {"model", "layers.csv", "epochs.csv", "sparsity.png", "compressed_weights.pt"} <= \
         artifact_names(client, runs["sparsify"].info.run_id)
     parent = client.get_run(summary["run_id"])
@@ -77,6 +77,10 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     assert crun.data.tags["deploypipe.input_model_uri"] == f"runs:/{qrun.info.run_id}/model"
     assert {"certify.csv", "certified_accuracy.png"} <= artifact_names(client, crun.info.run_id)
     assert certify["metrics"]["certified_acc_r0"] >= 0.8 and certify["metrics"]["acr"] > 0
+    # export: the quantized model as a clean Q/DQ file, its certified accuracy in the model card
+    assert export["metrics"]["trt_lint_findings"] == 0 and export["metrics"]["onnx_top1_agreement"] >= 0.99
+    assert export["metrics"]["shipped_acr"] == pytest.approx(certify["metrics"]["acr"])
+    assert "bundle/model_card.md" in artifact_names(client, runs["export"].info.run_id, "bundle")
     # artifacts live next to the store, not in ./mlruns; outputs in <workdir>/<pipeline>/<stage>
     assert (tmp_path / "store" / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
     assert (tmp_path / "store" / "demo" / "train" / "model" / "model.json").is_file() and not (tmp_path / "runs").exists()
@@ -99,7 +103,7 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     assert top1_and_loss(model, data.test)[0] == pytest.approx(evaluate["metrics"]["test_top1"])
 
     again = run_cli("demo", "--workdir", "store", "--json", cwd=tmp_path)
-    assert again.returncode == 0 and [s["status"] for s in last_json(again.stdout)["stages"]] == ["skipped"] * 5
+    assert again.returncode == 0 and [s["status"] for s in last_json(again.stdout)["stages"]] == ["skipped"] * 6
 
 
 def test_http_tracking_against_a_real_server(tmp_path, mlflow_server):
