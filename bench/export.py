@@ -1,0 +1,98 @@
+"""Export of a CIFAR-10 ResNet-20: FP32, W8A8, W4A8 (4-bit weights on the INT8 grid) and 2:4 + W8A8.
+
+For each variant, through ``deploypipe.export``: the ONNX file's size, ONNX Runtime's CPU latency at
+batch 1 and 64 against PyTorch eager (the same model, the same threads), its top-1 agreement with
+PyTorch on every test image, and the TensorRT-RTX build (seconds, engine size) when tensorrt_rtx is
+installed. Quantized variants use round-to-nearest with MSE ranges on the 1,024 calibration images
+(export speed does not depend on how the scales were found; bench/quantize.py measures accuracy).
+The target: the INT8 file in ONNX Runtime at least 2x PyTorch eager FP32 throughput at batch 64, with
+top-1 agreement >= 99.9%.
+
+    python bench/export.py --model runs/r20/train/model --data imagefolder:../shared/data/cifar10 \\
+        [--sparse runs/r20-24/sparsify/model] [--report docs/benchmarks/export.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from report import Report, add_report_argument, markdown_table  # noqa: E402 (after the path insert)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the FP32 model folder (a train stage's output)")
+    ap.add_argument("--sparse", default=None, help="a 2:4 sparsify stage's model folder (else: that row is left out)")
+    ap.add_argument("--data", default="imagefolder:../shared/data/cifar10")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=30, help="timed passes per batch size (median)")
+    ap.add_argument("--out", default=None, help="folder for the exported files (default: a temporary one)")
+    add_report_argument(ap)
+    args = ap.parse_args()
+    report = Report(args.report, "Export: CIFAR-10 ResNet-20 in ONNX Runtime and TensorRT-RTX").start()
+
+    import torch
+
+    import deploypipe as dp
+    from deploypipe.config import DataSpec
+    from deploypipe.data import load_data
+    from deploypipe.models import read_record
+
+    torch.set_num_threads(args.threads)
+    data = load_data(DataSpec(source=args.data, calib_size=1024))
+    calib = [x for x, _ in data.calib.batches(256)]
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench-export-"))
+    variants = {"FP32": (dp.load_model(args.model), None, {})}
+    for name, bits in (("W8A8", 8), ("W4A8", 4)):
+        q, _ = dp.quantize(dp.load_model(args.model), calib, dp.QuantizeConfig(weight_bits=bits, act_bits=8,
+                                                                                method="rtn"))
+        variants[name] = (q, bits, {})
+    if args.sparse:
+        record = read_record(args.sparse)
+        layers = {n: p for t in record.transforms if t.get("kind") == "sparsify" for n, p in t["params"]["layers"].items()}
+        q, _ = dp.quantize(dp.load_model(args.sparse), calib, dp.QuantizeConfig(weight_bits=8, act_bits=8, method="rtn"),
+                           sparse_layers=layers)
+        variants["2:4 + W8A8"] = (q, 8, layers)
+    rows, fp32_b64 = [], None
+    for name, (model, bits, sparse) in variants.items():
+        print(f"{name} ...", flush=True)
+        cfg = dp.ExportConfig(format="both" if _has_trt() else "onnx", batch=[1, 64], latency_repeats=args.repeats,
+                              parity_images=len(data.test))
+        r = dp.export(model, tuple(data.input_shape), out / name.replace(" ", "").replace(":", "-").replace("+", "_"),
+                      cfg, parity_data=data.test, sparse_2_4=bool(sparse))
+        lat = {row["batch"]: row for row in r.latency}
+        if name == "FP32":
+            fp32_b64 = lat[64]["pytorch_eager_ms"]
+        rows.append([name, f"{r.onnx.stat().st_size / 1024:.0f}", f"{lat[1]['pytorch_eager_ms']:.2f}",
+                     f"{lat[1]['onnxruntime_ms']:.2f}", f"{lat[64]['pytorch_eager_ms']:.1f}",
+                     f"{lat[64]['onnxruntime_ms']:.1f}", f"{fp32_b64 / lat[64]['onnxruntime_ms']:.2f}x",
+                     f"{100 * r.parity['onnx_top1_agreement']:.2f}",
+                     f"{r.engine_info['build_seconds']:.1f}" if r.engine_info else "–",
+                     f"{r.engine_info['plan_bytes'] / 1024:.0f}" if r.engine_info else "–",
+                     "clean" if not r.findings else f"{len(r.findings)} findings"])
+    columns = ["model", "ONNX KiB", "PyTorch eager b1 ms", "ONNX Runtime b1 ms", "PyTorch eager b64 ms",
+               "ONNX Runtime b64 ms", "ORT b64 throughput / eager FP32", "ORT top-1 agreement %",
+               "TensorRT-RTX build s", "engine KiB", "TensorRT lint"]
+    print(markdown_table(columns, rows, f"`{args.model}` on `{args.data}`, {len(data.test)} test images, "
+                                        f"{args.threads} CPU threads, median of {args.repeats} passes"))
+    print("Quantized rows: round-to-nearest with MSE ranges, first and last layer 8-bit; W4A8's 4-bit weights ship "
+          "on the INT8 grid with the same scales (exact), so they run as INT8. TensorRT-RTX engines are built on this "
+          "CPU for RTX GPUs and not run here (no GPU); bench/gpu/export.py times engines on a GPU.")
+    int8 = next(r for r in rows if r[0] == "W8A8")
+    report.finish(headline=f"W8A8 model in ONNX Runtime: {int8[6]} PyTorch eager FP32 throughput at batch 64 on "
+                           f"the CPU (target 2x), top-1 agreement {int8[7]}% (target 99.9%)")
+
+
+def _has_trt() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx"))
+
+
+if __name__ == "__main__":
+    main()
