@@ -81,12 +81,17 @@ def _print_summary(summary: Any, workdir: Path, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=as_json)
+    stream = sys.stderr if as_json else sys.stdout
+    console = Console(stderr=as_json, width=None if stream.isatty() else 160)  # piped: not cut at 80 columns
     table = Table(title=f"pipeline '{summary.name}' — {summary.seconds:.1f} s")
     for col in ("stage", "status", "seconds", "metrics", "output"):
         table.add_column(col)
+    from .stage import REGISTRY
+
     for s in summary.stages:
-        shown = "\n".join(f"{k} {_fmt(v)}" for k, v in list(s.metrics.items())[:8])
+        wanted = REGISTRY[s.stage].headline if s.stage in REGISTRY else ()
+        shown_metrics = {k: s.metrics[k] for k in wanted if k in s.metrics} or dict(list(s.metrics.items())[:8])
+        shown = "\n".join(f"{k} {_fmt(v)}" for k, v in shown_metrics.items())
         table.add_row(s.id, s.status, f"{s.seconds:.1f}", shown, s.model or s.dir or "")
     console.print(table)
     page = f"#/experiments/{summary.experiment_id}/runs/{summary.run_id}{UI_VIEW}"
@@ -100,7 +105,9 @@ def _print_summary(summary: Any, workdir: Path, as_json: bool) -> None:
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.4f}" if isinstance(v, float) and abs(v) < 1000 else f"{v:.0f}"
+    if float(v).is_integer():
+        return f"{int(v):,}"
+    return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
 
 
 class _Lazy(click.Group):
@@ -215,13 +222,23 @@ def stages_cmd(as_json: bool) -> None:
         console.print(table)
 
 
+def type_name(ann: Any) -> str:
+    """A field's type as a user reads it: int, float | null, rtn | adaquant, list[int]."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Literal:
+        return " | ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        inner = [type_name(a) for a in args if a is not type(None)]
+        return " | ".join(inner + (["null"] if type(None) in args else []))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
 def _schema_rows(schema: type) -> list[dict]:
     rows = []
     for name, f in schema.model_fields.items():
-        ann = f.annotation
-        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        if typing.get_origin(ann) is typing.Literal:
-            tname = " | ".join(map(str, typing.get_args(ann)))
+        tname = type_name(f.annotation)
         default = f.get_default(call_default_factory=True)
         rows.append({"name": name, "type": tname, "default": json.dumps(default, default=str),
                      "description": f.description or ""})

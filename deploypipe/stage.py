@@ -124,6 +124,7 @@ class StageDef:
     # options first and returns an exit code when it handled the call (e.g. ``export --check FILE``)
     command_options: list = field(default_factory=list)
     intercept: Optional[Callable[[dict], Optional[int]]] = None
+    headline: tuple[str, ...] = ()  # the metrics the summary table shows (all, when empty)
 
 
 REGISTRY: dict[str, StageDef] = {}
@@ -139,7 +140,8 @@ def register_command(command: Any) -> Any:
 def register(name: str, help: str = "", distributed: Distributed = "none",
              model_input_shape: Optional[Callable[[Any, tuple[int, ...]], tuple[int, ...]]] = None,
              command_options: Optional[list] = None,
-             intercept: Optional[Callable[[dict], Optional[int]]] = None) -> Callable:
+             intercept: Optional[Callable[[dict], Optional[int]]] = None,
+             headline: tuple[str, ...] = ()) -> Callable:
     """Register a stage; its config schema is the type of the run function's ``cfg`` argument.
     ``distributed``: what the stage does under torchrun — "shards" (divides its work by ``ctx.rank`` /
     ``ctx.world_size``, each rank writing its own folder), "ddp" (trains with DistributedDataParallel;
@@ -153,7 +155,8 @@ def register(name: str, help: str = "", distributed: Distributed = "none",
         if not (isinstance(cfg_type, type) and issubclass(cfg_type, BaseModel)):
             raise TypeError(f"stage '{name}': run(ctx, cfg) must annotate cfg with a pydantic model")
         REGISTRY[name] = StageDef(name, cfg_type, fn, help or (fn.__doc__ or "").strip().split("\n")[0],
-                                  distributed, model_input_shape, list(command_options or []), intercept)
+                                  distributed, model_input_shape, list(command_options or []), intercept,
+                                  tuple(headline))
         return fn
 
     return deco

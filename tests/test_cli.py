@@ -156,6 +156,10 @@ def test_stages_and_help():
     stages = json.loads(res.stdout)
     assert {"train", "evaluate"} <= set(stages)
     assert "noise_sigma" in {o["name"] for o in stages["train"]["options"]}
+    types_ = {o["name"]: o["type"] for o in stages["quantize"]["options"]}  # types a user reads, not "Optional"
+    assert types_["act_bits"] == "int | null" and types_["method"] == "rtn | adaquant"
+    assert types_["bit_candidates"] == "list[int] | null" and types_["weight_bits"] == "int"
+    assert {"train", "quantize", "sparsify", "certify", "export"} <= set(stages)
     res = run_cli("--help")
     assert res.returncode == 0 and "Example" in res.stdout
     for args in (["train", "--help"], ["run", "--help"], ["evaluate", "--help"], ["ui", "--help"],

@@ -59,7 +59,8 @@ def model_input_shape(cfg: CertifyConfig, shape: tuple[int, ...]) -> tuple[int, 
 
 @register("certify", help="Certified L2 robustness by randomized smoothing (rs) or dual randomized smoothing (drs), "
                           "sound radii",
-          distributed="shards", model_input_shape=model_input_shape)
+          distributed="shards", model_input_shape=model_input_shape,
+          headline=("certified_acc_r0", "certified_acc_r0.5", "acr", "images", "seconds_per_image"))
 def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
     device = ctx.device
     shard = cfg.shard

@@ -31,7 +31,8 @@ def _confusion_figure(conf: torch.Tensor, classes: list[str]) -> Figure:
     return fig
 
 
-@register("evaluate", help="Measure top-1, loss, parameter count, size and CPU latency of the current model")
+@register("evaluate", help="Measure top-1, loss, parameter count, size and CPU latency of the current model",
+          headline=("test_top1", "size_bytes", "latency_ms_median"))
 def run(ctx: StageContext, cfg: EvaluateConfig) -> StageResult:
     model, test = ctx.model.eval(), ctx.data.test
     with torch.inference_mode():

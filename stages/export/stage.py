@@ -81,7 +81,8 @@ def _certified(ctx: StageContext) -> dict[str, float]:
 
 @register("export", help="Export the model that ships: ONNX (checked in ONNX Runtime), TensorRT engine, Triton "
                          "bundle, model card, registered MLflow version", command_options=[CHECK],
-          intercept=_intercept)
+          intercept=_intercept, headline=("test_top1", "onnx_top1_agreement", "trt_lint_findings", "engine_bytes",
+                                          "onnxruntime_speedup_b64", "shipped_acr"))
 def run(ctx: StageContext, cfg: ExportConfig) -> StageResult:
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.name or ctx.record.factory.split(":")[-1])
     sparse = {p for t in ctx.record.transforms if t.get("kind") == "sparsify" for p in t["params"]["layers"].values()}

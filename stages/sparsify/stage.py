@@ -89,7 +89,7 @@ register_command(check_sparsity)
 
 
 @register("sparsify", help="N:M structured sparsity by training: SR-STE, mask decay (MDGF), structure decay (SDGF)",
-          distributed="ddp")
+          distributed="ddp", headline=("test_top1", "dense_top1", "sparse_layer_sparsity", "train_seconds"))
 def run(ctx: StageContext, cfg: SparsifyConfig) -> StageResult:
     if cfg.kernels == "triton" and ctx.device.type != "cuda" and not interpreter_requested():
         raise InputError("--kernels triton on CPU runs Triton's interpreter, which needs TRITON_INTERPRET=1 "

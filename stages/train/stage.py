@@ -135,7 +135,8 @@ class DrsSides(Callback):
 
 
 @register("train", help="Train the model: SGD/AdamW, one-cycle/cosine, label smoothing, Gaussian-noise augmentation",
-          model_input_shape=model_input_shape, distributed="ddp")
+          model_input_shape=model_input_shape, distributed="ddp",
+          headline=("test_top1", "test_top1_noisy", "train_seconds"))
 def run(ctx: StageContext, cfg: TrainConfig) -> StageResult:
     model, data = ctx.model, ctx.data
     side = None if cfg.drs_side is None else (*SIDES, "both").index(cfg.drs_side)
