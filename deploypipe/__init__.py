@@ -39,6 +39,10 @@ _EXPORTS = {
     "DualSmoothed": "deploypipe.stages.certify.smoothing",
     "Certificate": "deploypipe.stages.certify.smoothing",
     "ABSTAIN": "deploypipe.stages.certify.smoothing",
+    # distill: data pruning with knowledge distillation
+    "distill": "deploypipe.stages.distill.pruned_kd",
+    "DistillConfig": "deploypipe.stages.distill.config",
+    "DistillReport": "deploypipe.stages.distill.pruned_kd",
     # export: ONNX, TensorRT lint and engines, deploy bundle
     "export": "deploypipe.stages.export.exporter",
     "ExportConfig": "deploypipe.stages.export.config",

@@ -41,18 +41,22 @@ class ImageSet:
 
     images: torch.Tensor
     labels: torch.Tensor
+    names: Optional[list[str]] = None  # each image's file (image folders), for tables a user reads
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor) -> "ImageSet":
-        return ImageSet(self.images[index], self.labels[index])
+        index = torch.as_tensor(index, dtype=torch.long)
+        names = [self.names[i] for i in index.tolist()] if self.names is not None else None
+        return ImageSet(self.images[index], self.labels[index], names)
 
     def as_float(self, x: torch.Tensor) -> torch.Tensor:
         return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None,
-                augment: Optional["Augment"] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                augment: Optional["Augment"] = None, with_index: bool = False) -> Iterator[tuple]:
+        """(images, labels) batches; with ``with_index`` also each image's index in this set."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for start in range(0, n, batch_size):
@@ -60,7 +64,7 @@ class ImageSet:
             x = self.as_float(self.images[idx])
             if augment is not None:
                 x = augment(x, generator)
-            yield x, self.labels[idx]
+            yield (x, self.labels[idx], idx) if with_index else (x, self.labels[idx])
 
 
 @dataclass
@@ -178,13 +182,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DEPLOYPIPE_CACHE", Path.home() / ".cache" / "deploypipe"))
 
 
-def _decode_folder(root: Path, image_size: Optional[int],
-                   workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
+def _decode_folder(root: Path, image_size: Optional[int], workers: int) -> tuple[ImageSet, list[str], str]:
     """Decode an image folder to (N, C, H, W) uint8 once; later calls read the cache (found by the
-    files' names, sizes and mtimes). Returns the images, labels, class names and a digest of the
-    decoded content: a copy of the folder with new mtimes (a restore, a copy without -p) has the same
-    digest, so stages finished on it are still recognised as done."""
+    files' names, sizes and mtimes). Returns the images (with their files, relative to ``root``),
+    class names and a digest of the decoded content: a copy of the folder with new mtimes (a restore,
+    a copy without -p) has the same digest, so stages finished on it are still recognised as done."""
     classes, files = _list_folder(root)
+    names = [os.path.relpath(p, root) for p, _ in files]
     stat = hashlib.sha256(json.dumps([str(root.resolve()), image_size, classes]).encode())
     for path, _ in files:
         st = os.stat(path)
@@ -194,7 +198,8 @@ def _decode_folder(root: Path, image_size: Optional[int],
     if cached.is_file():
         with np.load(cached) as z:
             images, labels = z["images"], z["labels"]
-        return torch.from_numpy(images), torch.from_numpy(labels), classes, _content_digest(images, labels, classes)
+        return (ImageSet(torch.from_numpy(images), torch.from_numpy(labels), names), classes,
+                _content_digest(images, labels, classes))
     paths = [p for p, _ in files]
     chunk = 2000
     jobs = [(paths[i:i + chunk], image_size) for i in range(0, len(paths), chunk)]
@@ -217,7 +222,8 @@ def _decode_folder(root: Path, image_size: Optional[int],
     tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
     np.savez(tmp, images=images, labels=labels)
     os.replace(tmp, cached)
-    return torch.from_numpy(images), torch.from_numpy(labels), classes, _content_digest(images, labels, classes)
+    return (ImageSet(torch.from_numpy(images), torch.from_numpy(labels), names), classes,
+            _content_digest(images, labels, classes))
 
 
 def _content_digest(images: np.ndarray, labels: np.ndarray, classes: list[str]) -> str:
@@ -285,18 +291,18 @@ def load_data(spec: DataSpec, workers: int = 2) -> Splits:
         if not (root / "train").is_dir():
             raise InputError(f"data folder '{root}' has no train/ subfolder",
                              f"lay it out as {root}/train/<class>/* and {root}/test/<class>/*")
-        xtr, ytr, classes, key = _decode_folder(root / "train", spec.image_size, workers)
+        whole, classes, key = _decode_folder(root / "train", spec.image_size, workers)
         keys.append(key)
         if (root / "test").is_dir():
-            xte, yte, test_classes, key = _decode_folder(root / "test", spec.image_size, workers)
+            test, test_classes, key = _decode_folder(root / "test", spec.image_size, workers)
             keys.append(key)
             if test_classes != classes:
                 raise InputError(f"{root}/test classes {test_classes[:5]} differ from train classes {classes[:5]}",
                                  "use the same class folders in train/ and test/")
-            train, test = ImageSet(xtr, ytr), ImageSet(xte, yte)
+            train = whole
         else:
-            tr, te = _stratified_holdout(ytr, spec.test_fraction, g)
-            train, test = ImageSet(xtr[tr], ytr[tr]), ImageSet(xtr[te], ytr[te])
+            tr, te = _stratified_holdout(whole.labels, spec.test_fraction, g)
+            train, test = whole.subset(tr), whole.subset(te)
     elif source == "torchvision":
         name, _, root = arg.partition(":")
         (xtr, ytr), (xte, yte), classes = _torchvision(name, root or None)

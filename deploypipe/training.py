@@ -269,10 +269,11 @@ class Trainer:
         o = self.options
         if isinstance(data, ImageSet):
             g = noise_generator(o.seed, "shuffle", epoch)
-            for i, (x, y) in enumerate(data.batches(o.batch_size, shuffle=True, generator=g, augment=o.augment)):
+            batches = data.batches(o.batch_size, shuffle=True, generator=g, augment=o.augment, with_index=True)
+            for i, (x, y, ids) in enumerate(batches):
                 share = rank_slice(len(y))
                 rows = torch.arange(len(y))[share]
-                yield TrainBatch(x[share], y[share], rows, len(y), epoch, i)
+                yield TrainBatch(x[share], y[share], rows, len(y), epoch, i, ids=ids[share])
         else:
             for i, batch in enumerate(data):
                 n = B.batch_size(batch)

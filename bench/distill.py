@@ -1,0 +1,92 @@
+"""Data pruning with knowledge distillation on CIFAR-10: ResNet-20 students on kept fractions of the
+training set, by random / EL2N / forgetting selection, with and without KD from a ResNet-20 teacher
+trained on all of it; a full-data student for reference; at the smallest fraction, a smaller teacher
+(``--small-teacher``, e.g. the teacher's earlier checkpoint or a ResNet-8) against the full one.
+
+Every cell is one ``python -m deploypipe distill ... --json`` run (wall time and peak memory read
+with wait4), with the same epochs for every cell; the scoring cost (EL2N and forgetting train extra
+models first) is reported per method. Targets (Ben-Baruch et al.'s findings, to confirm or refute):
+random + KD at 50% within 0.5 pt of full-data training without KD; KD's gain largest at the smallest
+fraction; whether the smaller teacher wins at the smallest fraction.
+
+    python bench/distill.py --teacher runs/r20/train/model --data imagefolder:../shared/data/cifar10 \\
+        [--fractions 0.1,0.3,0.5,0.7] [--scores random,el2n,forgetting] [--epochs 15] \\
+        [--small-teacher MODEL] [--report docs/benchmarks/distill.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from report import Report, add_report_argument, markdown_table  # noqa: E402 (after the path insert)
+from runner import run_deploypipe  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", required=True, help="the teacher: a model folder trained on all the data")
+    ap.add_argument("--small-teacher", default=None, help="a smaller / weaker teacher for the smallest fraction")
+    ap.add_argument("--student", default="zoo:resnet20")
+    ap.add_argument("--data", default="imagefolder:../shared/data/cifar10")
+    ap.add_argument("--fractions", default="0.1,0.3,0.5,0.7")
+    ap.add_argument("--scores", default="random,el2n,forgetting")
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--lr", type=float, default=0.2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="runs/bench-distill")
+    add_report_argument(ap)
+    args = ap.parse_args()
+    report = Report(args.report, "Distill: data pruning with knowledge distillation, CIFAR-10 ResNet-20").start()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fractions = [float(f) for f in args.fractions.split(",")]
+    common = ["--model", args.teacher, "--student", args.student, "--data", args.data, "--epochs", str(args.epochs),
+              "--lr", str(args.lr)]
+    cells = {}
+    full = run_deploypipe("distill", "full-data", common + ["--keep", "1", "--kd-weight", "0"], out, args.threads)
+    teacher_top1 = full["teacher_test_top1"]
+    for score in args.scores.split(","):
+        for f in fractions:
+            for kd in ("auto", "0"):
+                label = f"{score}-{f:g}-{'kd' if kd == 'auto' else 'nokd'}"
+                cells[score, f, kd] = run_deploypipe("distill", label, common + [
+                    "--score", score, "--keep", f"{f:g}", "--kd-weight", kd], out, args.threads)
+    small = None
+    if args.small_teacher:
+        f = min(fractions)
+        small = run_deploypipe("distill", f"random-{f:g}-small-teacher", [
+            "--model", args.small_teacher, "--student", args.student, "--data", args.data, "--epochs",
+            str(args.epochs), "--lr", str(args.lr), "--keep", f"{f:g}"], out, args.threads)
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "full": full, "small": small,
+                                                  "cells": {"|".join(map(str, k)): v for k, v in cells.items()}},
+                                                 indent=2, default=str))
+    rows = [["all data, no KD", "–", f"{100 * full['test_top1']:.2f}", "–", "–", f"{full['wall_seconds']:.0f}"]]
+    for score in args.scores.split(","):
+        for f in fractions:
+            kd, plain = cells[score, f, "auto"], cells[score, f, "0"]
+            rows.append([score, f"{100 * f:g}%", f"{100 * kd['test_top1']:.2f}", f"{100 * plain['test_top1']:.2f}",
+                         f"{100 * (kd['test_top1'] - plain['test_top1']):+.2f}",
+                         f"{kd['wall_seconds']:.0f} (scoring {kd['score_seconds']:.0f})"])
+    print(markdown_table(["selection", "kept", "student + KD top-1", "student top-1", "KD gain (pt)", "wall s"], rows,
+                         f"ResNet-20 students, {args.epochs} epochs each; teacher `{args.teacher}` "
+                         f"({100 * teacher_top1:.2f}% top-1, all data); test top-1 on all test images"))
+    if small is not None:
+        f = min(fractions)
+        print(f"At {100 * f:g}% kept (random), KD from the smaller teacher `{args.small_teacher}` "
+              f"({100 * small['teacher_test_top1']:.2f}%): {100 * small['test_top1']:.2f}%, against "
+              f"{100 * cells['random', f, 'auto']['test_top1']:.2f}% from the full teacher.")
+    headline = ""
+    if ("random", 0.5, "auto") in cells:
+        gap = cells["random", 0.5, "auto"]["test_top1"] - full["test_top1"]
+        headline = (f"random 50% + KD: {100 * cells['random', 0.5, 'auto']['test_top1']:.2f}% against "
+                    f"{100 * full['test_top1']:.2f}% on all data without KD ({100 * gap:+.2f} pt, target >= -0.5)")
+    report.finish(headline=headline or None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""distill: data pruning (random, EL2N, GraNd, forgetting) with knowledge distillation (Ben-Baruch et al.)."""
