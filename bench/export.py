@@ -60,7 +60,7 @@ def main() -> None:
         variants["2:4 + W8A8"] = (q, 8, layers)
     rows, fp32_b64 = [], None
     for name, (model, bits, sparse) in variants.items():
-        print(f"{name} ...", flush=True)
+        print(f"{name} ...", file=sys.stderr, flush=True)
         cfg = dp.ExportConfig(format="both" if _has_trt() else "onnx", batch=[1, 64], latency_repeats=args.repeats,
                               parity_images=len(data.test))
         r = dp.export(model, tuple(data.input_shape), out / name.replace(" ", "").replace(":", "-").replace("+", "_"),

@@ -94,6 +94,9 @@ def _print_summary(summary: Any, workdir: Path, as_json: bool) -> None:
         shown = "\n".join(f"{k} {_fmt(v)}" for k, v in shown_metrics.items())
         table.add_row(s.id, s.status, f"{s.seconds:.1f}", shown, s.model or s.dir or "")
     console.print(table)
+    if summary.rechecked:
+        console.print("every stage was finished with these settings: nothing rerun, no new MLflow run "
+                      "(--force reruns)")
     page = f"#/experiments/{summary.experiment_id}/runs/{summary.run_id}{UI_VIEW}"
     if summary.tracking_uri.startswith("sqlite"):
         console.print(f"MLflow store: {summary.tracking_uri}\nUI: deploypipe ui --workdir {workdir}   "

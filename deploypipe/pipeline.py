@@ -71,6 +71,7 @@ class PipelineSummary:
     tracking_setup_seconds: float = 0.0
     tracking_calls: int = 0
     seconds: float = 0.0
+    rechecked: bool = False  # every stage was finished already: no new MLflow runs
 
     def to_json(self) -> dict:
         return {"pipeline": self.name, "outputs": self.outputs, "tracking_uri": self.tracking_uri,
@@ -218,7 +219,7 @@ class Pipeline:
                              "ranks cannot meet", "start the ranks with torchrun (it sets them), e.g. torchrun "
                              "--nproc-per-node 2 -m deploypipe train ...")
         if len(modes) > 1:
-            raise InputError(f"{where}: under torchrun a pipeline either trains (train, sparsify, distill: the ranks "
+            raise InputError(f"{where}: under torchrun a pipeline either trains (train, sparsify: the ranks "
                              "train one model) or shards (certify: each rank its share), not both",
                              "run the training and the certification as two torchrun commands")
         return modes.pop()
@@ -244,31 +245,52 @@ class Pipeline:
         return _hash({"stage": entry.stage, "config": typed.model_dump(mode="json"), "input": input_hash,
                       "data": self.data.fingerprint, "seed": self.seed})
 
-    def _check_selection(self, only: Optional[list[str]], force: bool) -> None:
-        """Before anything is written: every stage before the selected ones must be finished."""
+    def _check_selection(self, only: Optional[list[str]], force: bool) -> list[dict]:
+        """Before anything is written: every stage before the selected ones must be finished. Returns
+        the results of the stages that will be skipped, in order, up to the first that runs."""
         ids = [e.id for e, _, _ in self.stage_defs]
         for name in only or []:
             if name not in ids:
                 raise InputError(f"--stage {name}: no stage with that id in the pipeline",
                                  f"use one of: {', '.join(ids)}")
-        input_hash = self.input_hash
+        input_hash, finished = self.input_hash, []
         for entry, _, typed in self.stage_defs:
             done = _read_result(self.out_dir / entry.id)
             selected = only is None or entry.id in only
             if done and done.get("key") == self.stage_key(entry, typed, input_hash) and not (force and selected):
                 input_hash = done.get("model_hash", input_hash)
+                finished.append(done)
+                if only and entry.id == [i for i in ids if i in only][-1]:
+                    break
             elif not selected:
                 raise InputError(f"--stage: stage '{entry.id}' comes before the selected stage(s) but has no "
                                  "finished output for this config",
                                  "run the whole pipeline once (without --stage), or select it too")
             else:
-                return  # from here on, stages run
+                break  # from here on, stages run
+        return finished
+
+    def _recheck(self, finished: list[dict]) -> Optional[PipelineSummary]:
+        """When every asked-for stage already finished with these settings and its results are in this
+        store, a rerun changes nothing: no new MLflow runs, the summary points at the earlier ones."""
+        wanted = [e.id for e, _, _ in self.stage_defs]
+        if self.options.only:
+            wanted = wanted[:max(wanted.index(i) for i in self.options.only) + 1]
+        if len(finished) != len(wanted) or not all(d.get("tracked") and d.get("pipeline_run_id") and
+                                                   d.get("tracking_uri") == self.uri for d in finished):
+            return None
+        outcomes = [StageOutcome(d["id"], d["stage"], "skipped", 0.0, d.get("metrics", {}), str(self.out_dir / d["id"]),
+                                 str(self.out_dir / d["id"] / "model") if d.get("model") else None, d.get("run_id"))
+                    for d in finished]
+        last = finished[-1]
+        return PipelineSummary(self.cfg.name, str(self.out_dir), self.uri, last.get("experiment_id", ""),
+                               last["pipeline_run_id"], outcomes, rechecked=True)
 
     def run(self) -> PipelineSummary:
         only, force = self.options.only, self.options.force
-        self._check_selection(only, force)
+        finished = self._check_selection(only, force)
         if self.mode != "ddp":
-            return self._run_writing(only, force)
+            return self._recheck(finished) or self._run_writing(only, force)
         init_process_group(self.device)
         try:
             if not self.writes:  # a DDP rank > 0: computes with rank 0, writes nothing
@@ -340,6 +362,7 @@ class Pipeline:
                 if entry.id == last_selected:
                     break  # later stages are not asked for
             status = "FINISHED"
+            tracker.log_metrics(self._final_figures(outcomes))
         except KeyboardInterrupt:
             status = "KILLED"
             raise
@@ -348,6 +371,15 @@ class Pipeline:
         return PipelineSummary(self.cfg.name, str(self.out_dir), self.uri, tracker.experiment_id, tracker.run_id,
                                outcomes,
                                tracker.seconds, tracker.setup_seconds, tracker.calls, time.perf_counter() - t_start)
+
+    def _final_figures(self, outcomes: list[StageOutcome]) -> dict[str, float]:
+        """The pipeline run's own metrics: each stage's headline figures as ``<stage id>/<metric>``."""
+        defs = {e.id: sdef for e, sdef, _ in self.stage_defs}
+        figures = {}
+        for o in outcomes:
+            wanted = defs[o.id].headline or tuple(o.metrics)
+            figures.update({f"{o.id}/{k}": float(o.metrics[k]) for k in wanted if k in o.metrics})
+        return figures
 
     def _record_skip(self, tracker: Tracker, entry: Any, typed: Any, final: Path, done: dict,
                      input_tags: dict[str, str]) -> StageOutcome:
@@ -401,7 +433,8 @@ class Pipeline:
             result = sdef.run(ctx, typed)
             seconds = time.perf_counter() - t0
             out = {"stage": entry.stage, "id": entry.id, "key": key, "metrics": result.metrics,
-                   "run_id": st.run_id, "seconds": seconds, "model": result.model is not None, "tracked": False}
+                   "run_id": st.run_id, "seconds": seconds, "model": result.model is not None, "tracked": False,
+                   "pipeline_run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "tracking_uri": self.uri}
             if result.model is not None:
                 save_model(result.model, result.record or record, tmp / "model")
                 out["model_hash"] = content_hash(tmp / "model")
@@ -454,6 +487,9 @@ class _SilentTracker:
         pass
 
     def end_pipeline(self, status: str) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
         pass
 
 

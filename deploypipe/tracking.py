@@ -193,6 +193,15 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         self.call("log_artifact", self.run_id, str(path), artifact_path)
 
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Metrics of the pipeline run itself (its stages' headline figures)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
+            self.call("log_batch", self.run_id, metrics=batch[i:i + MAX_METRICS_PER_BATCH])
+
     def end_pipeline(self, status: str) -> None:
         if self.run_id:
             self.call("set_terminated", self.run_id, status)

@@ -51,11 +51,17 @@ def test_handoff_and_resume_skips_unchanged_stages(workdir):
     model_file = workdir / "p" / "train" / "model" / "weights.pt"
     mtime = model_file.stat().st_mtime_ns
 
+    client, parent, children = runs_of(workdir, s1.run_id)
+    assert parent.info.status == "FINISHED"  # the pipeline run carries its stages' headline figures
+    assert parent.data.metrics["train/test_top1"] == pytest.approx(s1.stages[0].metrics["test_top1"])
+    assert parent.data.metrics["evaluate/size_bytes"] == s1.stages[1].metrics["size_bytes"]
+    before = len(client.search_runs([parent.info.experiment_id]))
     s2 = Pipeline(cfg, RunOptions(workdir, show_progress=False)).run()
-    assert [o.status for o in s2.stages] == ["skipped", "skipped"]
+    assert [o.status for o in s2.stages] == ["skipped", "skipped"] and s2.rechecked
     assert model_file.stat().st_mtime_ns == mtime
-    _, parent, children = runs_of(workdir, s2.run_id)
-    assert parent.info.status == "FINISHED" and children["train"].data.tags["deploypipe.skipped"] == "true"
+    # nothing changed: no new (empty) pipeline run; the summary points at the run that made the outputs
+    assert len(client.search_runs([parent.info.experiment_id])) == before and s2.run_id == s1.run_id
+    assert [o.run_id for o in s2.stages] == [o.run_id for o in s1.stages]
 
     # a changed evaluate config reruns only evaluate; a changed train config reruns both
     cfg3 = config([TRAIN, {"evaluate": {"latency_repeats": 3}}])
