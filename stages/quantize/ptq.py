@@ -211,9 +211,17 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
     report = QuantizeReport(plan, [], {})
     metrics = report.metrics
 
+    evaluating = [0.0]  # seconds inside ``evaluate``: reported apart from the calibration's own
+
+    def timed(net: nn.Module) -> dict[str, float]:
+        t = time.perf_counter()
+        figures = evaluate(net)
+        evaluating[0] += time.perf_counter() - t
+        return figures
+
     def measured(prefix: str, net: nn.Module) -> None:
         if evaluate is not None:
-            figures = evaluate(net)
+            figures = timed(net)
             metrics.update({f"{prefix}{k}": v for k, v in figures.items()})
             metrics.update(figures)  # unprefixed: the model as it stands after this step
 
@@ -233,7 +241,8 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
         measured("adaquant_", q)
     if cfg.bit_candidates:
         free = [n for n in chosen if n not in {names[0], names[-1]} or not cfg.first_last_bits]
-        q = _mixed_precision(cfg, fp, q, free, plan, batches, example, seed, report, evaluate, log)
+        q = _mixed_precision(cfg, fp, q, free, plan, batches, example, seed, report, timed if evaluate else None,
+                             log)
         measured("mixed_", q)
     if cfg.bn_tuning:
         report.bn_reestimation, bn = guarded_reestimate_bn(q, fp, affine, batches, cfg.bn_target, cfg.bn_guard)
@@ -246,7 +255,9 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
         small = calibration_batches(calib, cfg, seed, device, batch_size=64)
         metrics["bias_kl_before"], metrics["bias_kl_after"] = tune_biases(fp, q, small, cfg.bias_steps, cfg.bias_lr)
         measured("bias_", q)
-    metrics["calibration_seconds"] = time.perf_counter() - t0
+    metrics["calibration_seconds"] = time.perf_counter() - t0 - evaluating[0]
+    if evaluate is not None:
+        metrics["evaluation_seconds"] = evaluating[0]
     masked = [m for m in q.modules() if isinstance(m, QuantLayer) and m.weight_mask is not None]
     if masked:
         with torch.no_grad():
