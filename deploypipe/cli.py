@@ -51,6 +51,9 @@ def common_params() -> list[click.Option]:
         click.Option(["--seed"], type=int, default=None, help="seed of training and sampling"),
         click.Option(["--json", "as_json"], is_flag=True, help="print a JSON summary (metrics, artifact paths) as the "
                                                                "last line"),
+        click.Option(["--trust-factory", "trust_factory"], multiple=True, metavar="PKG.MODULE:FACTORY",
+                     help="a user factory that a saved model folder may name and deploypipe may call (repeatable); "
+                          "without it a model folder cannot run code"),
     ]
 
 
@@ -164,7 +167,8 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="rerun stages even when their config and inputs are unchanged")
 @common_options
 def run_cmd(pipeline: Path, only: tuple[str, ...], force: bool, workdir: Path, tracking_uri: Optional[str],
-            experiment: Optional[str], device: Optional[str], seed: Optional[int], as_json: bool) -> None:
+            experiment: Optional[str], device: Optional[str], seed: Optional[int], as_json: bool,
+            trust_factory: tuple[str, ...]) -> None:
     """Run a pipeline YAML; finished stages with unchanged config and inputs are skipped.
 
     \b
@@ -176,14 +180,14 @@ def run_cmd(pipeline: Path, only: tuple[str, ...], force: bool, workdir: Path, t
     """
     cfg = load_pipeline(pipeline)
     _execute(cfg, _options(workdir, tracking_uri, experiment, device, seed, str(pipeline), only=list(only) or None,
-                           force=force), as_json)
+                           force=force, trusted_factories=list(trust_factory)), as_json)
 
 
 @cli.command("demo")
 @click.option("--force", is_flag=True, help="rerun even finished stages")
 @common_options
 def demo_cmd(force: bool, workdir: Path, tracking_uri: Optional[str], experiment: Optional[str],
-             device: Optional[str], seed: Optional[int], as_json: bool) -> None:
+             device: Optional[str], seed: Optional[int], as_json: bool, trust_factory: tuple[str, ...]) -> None:
     """Run examples/demo.yaml on the embedded digits data (offline).
 
     \b
@@ -192,7 +196,8 @@ def demo_cmd(force: bool, workdir: Path, tracking_uri: Optional[str], experiment
     """
     path = _demo_yaml()
     cfg = load_pipeline(path)
-    _execute(cfg, _options(workdir, tracking_uri, experiment, device, seed, str(path), force=force), as_json)
+    _execute(cfg, _options(workdir, tracking_uri, experiment, device, seed, str(path), force=force,
+                           trusted_factories=list(trust_factory)), as_json)
 
 
 @cli.command("stages")
@@ -369,6 +374,7 @@ def _stage_command(name: str, schema: type, help_text: str, sdef: Any = None) ->
         for option in extra:
             kw.pop(option.name)
         common = {k: kw.pop(k) for k in ("workdir", "tracking_uri", "experiment", "device", "seed", "as_json")}
+        trusted = list(kw.pop("trust_factory"))
         model = {k: kw.pop(k) for k in ("checkpoint", "mean", "std")}
         model["spec"] = kw.pop("model")
         model = {k: v for k, v in model.items() if v is not None}
@@ -398,7 +404,7 @@ def _stage_command(name: str, schema: type, help_text: str, sdef: Any = None) ->
                        where, flag_of=_common_flag, fix=fix)
         cfg.stages[0]._typed = typed  # validated once, here
         as_json = common.pop("as_json")
-        _execute(cfg, _options(**common, where=where, out_dir=out, force=force), as_json)
+        _execute(cfg, _options(**common, where=where, out_dir=out, force=force, trusted_factories=trusted), as_json)
 
     params += [
         click.Option(["--model", "model"], required=not extra,  # a stage's own options may make a call without one

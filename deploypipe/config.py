@@ -81,6 +81,8 @@ class PipelineConfig(Schema):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     seed: int = 0
     device: str = "auto"
+    trusted_factories: list[str] = Field(default_factory=list, description="user factories (package.module:"
+                                         "factory) a saved model folder may name and deploypipe may call")
     stages: list[StageEntry] = Field(min_length=1)
 
     @field_validator("model", mode="before")

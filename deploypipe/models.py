@@ -36,6 +36,32 @@ from .zoo import ZOO, NormalizedModel
 FORMAT = "deploypipe-model/1"
 TransformFn = Callable[[nn.Module, dict], nn.Module]
 TRANSFORMS: dict[str, TransformFn] = {}
+# Loading a model folder never imports or calls code the folder alone names: zoo factories and
+# deploypipe's own transforms are always allowed; a user factory (package.module:factory) only once the
+# user has named it — as the pipeline's model, with --trust-factory / trusted_factories:, or with
+# load_model(..., trusted=[...]). A model.json is data: a copied or downloaded folder cannot run code.
+TRUSTED_FACTORIES: set[str] = set()
+OWN_MODULES = "deploypipe."
+
+
+def trust_factories(names) -> None:
+    """Allow these user factories (package.module:factory) in model folders loaded by this process."""
+    TRUSTED_FACTORIES.update(n for n in names if n)
+
+
+def _check_trusted(record: "ModelRecord", trusted) -> None:
+    allowed = TRUSTED_FACTORIES | set(trusted or ())
+    fix = (f"if you trust it, name it: --trust-factory {record.factory} on the command line, trusted_factories: "
+           f"[{record.factory}] in the pipeline YAML, or deploypipe.load_model(path, trusted=['{record.factory}'])")
+    if not record.factory.startswith("zoo:") and record.factory not in allowed:
+        raise InputError(f"the saved model asks to build '{record.factory}', a factory nobody named; deploypipe does "
+                         "not import or call code that a model folder names", fix)
+    for t in record.transforms:
+        module = str(t.get("module") or "")
+        if module and not module.startswith(OWN_MODULES) and module not in allowed:
+            raise InputError(f"the saved model asks to import '{module}' for its transform '{t.get('kind')}'; "
+                             "deploypipe imports only its own transform modules from a model folder",
+                             f"if you trust it, name it: --trust-factory {module} (or trusted_factories: [{module}])")
 
 
 def register_transform(kind: str) -> Callable[[TransformFn], TransformFn]:
@@ -129,8 +155,10 @@ def _call_factory(record: ModelRecord) -> nn.Module:
     return net
 
 
-def build_model(record: ModelRecord) -> nn.Module:
-    """The architecture of a record, with fresh weights."""
+def build_model(record: ModelRecord, trusted=()) -> nn.Module:
+    """The architecture of a record, with fresh weights (its factory and transform modules must be
+    trusted: see TRUSTED_FACTORIES)."""
+    _check_trusted(record, trusted)
     net = _call_factory(record)
     if record.normalize:
         net = NormalizedModel(record.normalize["mean"], record.normalize["std"], net)
@@ -170,10 +198,12 @@ def read_record(path: str | Path) -> ModelRecord:
     return ModelRecord(**data)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", trusted=()) -> nn.Module:
     """Rebuild a saved model (any stage's output) exactly, in eval mode: the factory, then the
     transforms the record lists (quantized layers, N:M layers, ...), then the weights, loaded with
-    ``weights_only=True`` (no pickle).
+    ``weights_only=True`` (no pickle). A user factory the record names must be in ``trusted`` (or
+    named earlier in this process: ``trust_factories``); zoo models and deploypipe's own transforms
+    always load.
 
     >>> import tempfile, torch
     >>> from deploypipe import load_model
@@ -185,7 +215,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     True
     """
     path = Path(path)
-    model = build_model(read_record(path))
+    model = build_model(read_record(path), trusted)
     _load_state(model, _read_state(path / "weights.pt", map_location), str(path / "weights.pt"), "this saved model")
     return model.eval()
 
@@ -265,6 +295,7 @@ def model_from_spec(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: 
         if spec.checkpoint:
             _load_state(model, _read_state(Path(spec.checkpoint)), str(spec.checkpoint), spec.spec)
     else:
+        trust_factories([spec.spec])  # named by the user: the pipeline's own model
         if Path(spec.spec).exists() and ":" not in spec.spec:
             raise InputError(f"'{spec.spec}' is a path but holds no model.json",
                              "give the model/ folder a stage wrote, or a package.module:factory spec")

@@ -41,7 +41,7 @@ from .config import PipelineConfig
 from .data import Splits, load_data
 from .errors import InputError, StageFailed
 from .models import (ModelRecord, check_fits_data, content_hash, factory_source, is_model_dir, load_model,
-                     model_from_spec, read_record, save_model)
+                     model_from_spec, read_record, save_model, trust_factories)
 from .distributed import barrier, destroy_process_group, init_process_group, launched_ranks
 from .stage import NullTracker, StageContext, StageDef, StageResult, load_stages
 from .tracking import StageTracker, Tracker, check_reachable, default_uri, resolve_uri
@@ -95,6 +95,7 @@ class RunOptions:
     force: bool = False                   # rerun stages even when finished with the same key
     show_progress: bool = True
     where: str = "pipeline"               # names the source of the config in error messages
+    trusted_factories: list[str] = field(default_factory=list)  # --trust-factory: user code a model folder may name
 
 
 def resolve_device(name: str) -> torch.device:
@@ -189,6 +190,7 @@ class Pipeline:
         if self.mode == "shards":  # torchrun: each rank its own output folder (and MLflow run), merged afterwards
             self.out_dir = self.out_dir / f"rank{self.rank}"
         self.writes = self.mode != "ddp" or self.rank == 0  # DDP training: rank 0 alone writes and logs
+        trust_factories([*cfg.trusted_factories, *options.trusted_factories])
         self.device = resolve_device(cfg.device)
         self.uri = resolve_uri(options.tracking_uri, cfg.tracking.uri, self.workdir)
         if self.uri != default_uri(self.workdir):  # the default store is created with the work directory

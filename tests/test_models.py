@@ -94,7 +94,9 @@ def test_transform_records_are_replayed_on_load(tmp_path):
     model = _apply_doubler(base, {"factor": 3.0})
     model.scale.fill_(0.5)  # state that only the state dict carries
     save_model(model, rec2, tmp_path / "m")
-    again = load_model(tmp_path / "m")
+    with pytest.raises(InputError, match="imports only its own transform modules"):
+        load_model(tmp_path / "m")  # a transform module nobody named is not imported
+    again = load_model(tmp_path / "m", trusted=[__name__])
     assert isinstance(again, Doubler) and again.factor == 3.0
     x = torch.rand(2, 1, 8, 8)
     assert torch.equal(again(x), model(x))
@@ -170,3 +172,46 @@ def test_wrapped_checkpoints_are_unwrapped(tmp_path):
     loaded, _ = model_from_spec(ModelSpec(spec="zoo:digits_cnn", checkpoint=tmp_path / "ck.pt"), (1, 8, 8), 10, [0.3], [0.4])
     x = torch.rand(2, 1, 8, 8)
     assert torch.equal(loaded.eval()(x), m.eval()(x))
+
+
+def test_a_model_folder_cannot_run_code_it_names(tmp_path, cli_store):
+    """A copied or downloaded model/ folder whose model.json names ``os:system`` (with a command in its
+    kwargs) or a transform module of its own is refused with one line before anything is imported or
+    called; a factory the user names (--trust-factory) loads."""
+    import json
+
+    from conftest import run_main
+    from deploypipe.models import ModelRecord, build_model, save_model
+
+    record = ModelRecord(factory="zoo:digits_cnn", input_shape=[1, 8, 8], num_classes=10)
+    good = save_model(build_model(record), record, tmp_path / "good")
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "weights.pt").write_bytes((good / "weights.pt").read_bytes())
+    spec = json.loads((good / "model.json").read_text())
+    marker = tmp_path / "PWNED"
+    (evil / "model.json").write_text(json.dumps({**spec, "factory": "os:system",
+                                                 "kwargs": {"command": f"touch {marker}"}}))
+    code, _, err = run_main("evaluate", "--model", str(evil), "--out", "e1", cwd=tmp_path)
+    assert code == 2 and "'os:system', a factory nobody named" in err and "--trust-factory os:system" in err
+    assert not marker.exists() and not (tmp_path / "e1" / "evaluate").exists()
+    (tmp_path / "sneaky.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n")
+    (evil / "model.json").write_text(json.dumps({**spec, "transforms": [
+        {"kind": "sneaky", "module": "sneaky", "params": {}}]}))
+    code, _, err = run_main("evaluate", "--model", str(evil), "--out", "e2", cwd=tmp_path)
+    assert code == 2 and "import 'sneaky'" in err and not marker.exists()
+    (tmp_path / "trusty_nets.py").write_text("import torch\n\ndef net(num_classes=10):\n"
+                                              "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, num_classes))\n")
+    user = ModelRecord(factory="trusty_nets:net", kwargs={"num_classes": 10}, input_shape=[1, 8, 8], num_classes=10)
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        mine = save_model(build_model(user, trusted=["trusty_nets:net"]), user, tmp_path / "mine")
+    finally:
+        sys.path.remove(str(tmp_path))
+    code, _, err = run_main("evaluate", "--model", str(mine), "--out", "e3", cwd=tmp_path)
+    assert code == 2 and "trusty_nets:net" in err
+    code, out, err = run_main("evaluate", "--model", str(mine), "--trust-factory", "trusty_nets:net", "--out", "e3",
+                              "--limit-test", "50", cwd=tmp_path)
+    assert code == 0, err
