@@ -432,7 +432,29 @@ def _stage_command(name: str, schema: type, help_text: str, sdef: Any = None) ->
 
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers, timeout and Kubernetes send): the Ctrl-C path, exit 143."""
+
+
+def _on_sigterm(_signum: int, _frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)  # runs end KILLED, partial outputs removed, as on Ctrl-C
+    try:
+        _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Optional[list[str]]) -> None:
     try:
         cli.main(args=argv, prog_name="deploypipe", standalone_mode=False)
     except InputError as err:
@@ -448,7 +470,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     except StageFailed as err:
         click.echo(f"error: {err} (earlier stages' outputs are kept; the MLflow run is marked FAILED)", err=True)
         sys.exit(1)
-    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+    except (click.exceptions.Abort, KeyboardInterrupt) as err:  # click turns Ctrl-C (and SIGTERM) into Abort
+        if isinstance(err, Terminated) or isinstance(err.__context__, Terminated):
+            click.echo("terminated by SIGTERM (finished stages are kept; rerun to resume)", err=True)
+            sys.exit(143)
         click.echo("interrupted (finished stages are kept; rerun to resume)", err=True)
         sys.exit(130)
 

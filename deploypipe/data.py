@@ -161,6 +161,13 @@ def _list_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     if not files:
         raise InputError(f"image folder '{root}' has no images",
                          f"put images in {root}/<class>/ (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
+    counts = {label: 0 for label in range(len(classes))}
+    for _, label in files:
+        counts[label] += 1
+    empty = [classes[label] for label, n in counts.items() if n == 0]
+    if empty:  # a class with no image would train a class the model can never see
+        raise InputError(f"image folder '{root}' has class folders without images: {', '.join(empty[:5])}",
+                         "put images in them or remove them")
     return classes, files
 
 
@@ -170,11 +177,15 @@ def _decode(job: tuple[list[str], Optional[int]]) -> list[np.ndarray]:
     paths, size = job
     out = []
     for p in paths:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            out.append(np.asarray(im, dtype=np.uint8))
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                if size is not None and im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                out.append(np.asarray(im, dtype=np.uint8))
+        except (OSError, ValueError, SyntaxError) as err:  # truncated, corrupt, or not an image (PIL's errors)
+            raise InputError(f"image '{p}' cannot be decoded ({type(err).__name__}: {str(err).splitlines()[0][:80]})",
+                             "replace or remove the file") from None
     return out
 
 

@@ -44,6 +44,7 @@ from .models import (ModelRecord, check_fits_data, content_hash, factory_source,
                      model_from_spec, read_record, save_model, trust_factories)
 from .distributed import barrier, destroy_process_group, init_process_group, launched_ranks
 from .stage import NullTracker, StageContext, StageDef, StageResult, load_stages
+from .progress import log
 from .tracking import StageTracker, Tracker, check_reachable, default_uri, resolve_uri
 
 
@@ -323,6 +324,10 @@ class Pipeline:
                 shutil.rmtree(stale, ignore_errors=True)
             with _exclusive(self.workdir, ".tracking.lock", wait=True):  # torchrun ranks: one creates the store
                 tracker = Tracker(self.uri, self.cfg.tracking.experiment, self.workdir / "mlartifacts")
+            stale = tracker.end_stale_runs(str(self.out_dir.resolve()))  # we hold the folder's lock: theirs died
+            if stale:
+                log(f"marked {stale} MLflow runs of {self.out_dir} KILLED: a run of this folder was killed outright "
+                    "before it could end them")
             ranks = {"deploypipe.rank": f"{self.rank}/{self.world_size}"} if self.mode == "shards" else {}
             if self.mode == "ddp":
                 ranks = {"deploypipe.ddp_ranks": str(self.world_size)}

@@ -202,6 +202,20 @@ class Tracker:
         for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
             self.call("log_batch", self.run_id, metrics=batch[i:i + MAX_METRICS_PER_BATCH])
 
+    def end_stale_runs(self, outputs: str) -> int:
+        """Mark KILLED the pipeline runs of this output folder (and their stage runs) left RUNNING by a
+        process that was killed outright (SIGKILL, a lost node); returns how many."""
+        query = f"tags.`deploypipe.outputs` = '{outputs}' and attributes.status = 'RUNNING'"
+        stale = self.call("search_runs", [self.experiment_id], query)
+        count = 0
+        for run in stale:
+            children = self.call("search_runs", [self.experiment_id],
+                                 f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'")
+            for r in [*children, run]:
+                self.call("set_terminated", r.info.run_id, "KILLED")
+                count += 1
+        return count
+
     def end_pipeline(self, status: str) -> None:
         if self.run_id:
             self.call("set_terminated", self.run_id, status)

@@ -89,6 +89,10 @@ class CertifyConfig(Schema):
 
     @model_validator(mode="after")
     def _choice(self) -> "CertifyConfig":
+        if self.n0 > self.n:
+            raise ValueError(f"n0 {self.n0} is larger than n {self.n}: the selection votes would outnumber the ones "
+                             "the bound is computed from — fix: give n0 <= n (the reference settings: n0 100, "
+                             "n 100000)")
         if self.model_right and self.method != "drs":
             raise ValueError("model_right is for method drs")
         if self.method == "drs" and (self.reference or self.onnx):
