@@ -152,3 +152,37 @@ def pipeline_file(tmp_path, epochs=2):
           - evaluate: {{latency_repeats: 2}}
     """))
     return p
+
+
+def assert_sound_certificates(csv_path, sigma: float, n: int, alpha: float, method: str = "rs") -> list[dict]:
+    """Recompute every row of a certify.csv from its vote counts with SciPy — the one-sided
+    Clopper-Pearson bound at alpha (RS) or alpha / 2 per side (DRS), and the radius sigma Phi^-1(p) or
+    sigma (a + b) / sqrt(2) — and check no radius exceeds what n votes can certify at all."""
+    import csv
+    import math
+
+    from scipy import stats
+
+    rows = list(csv.DictReader(open(csv_path)))
+    level = alpha if method == "rs" else alpha / 2
+    largest = sigma * stats.norm.ppf(level ** (1 / n)) * (1 if method == "rs" else math.sqrt(2))
+
+    def bound(k: int) -> float:
+        return float(stats.beta.ppf(level, k, n - k + 1)) if k > 0 else 0.0
+
+    for r in rows:
+        radius, prediction = float(r["radius"]), int(r["prediction"])
+        p = bound(int(r["count"]))
+        assert abs(float(r["p_lower"]) - p) < 1e-9, (r, p)
+        if method == "rs":
+            want = sigma * stats.norm.ppf(p) if p > 0.5 else 0.0
+        else:
+            q = bound(int(r["count_right"]))
+            assert abs(float(r["p_lower_right"]) - q) < 1e-9, (r, q)
+            a = stats.norm.ppf(p) if p > 0 else -math.inf
+            b = stats.norm.ppf(q) if q > 0 else -math.inf
+            want = sigma * (a + b) / math.sqrt(2) if a + b > 0 else 0.0
+        assert abs(radius - want) < 1e-7, (r, want)
+        assert (prediction == -1) == (want == 0.0), r
+        assert radius <= largest + 1e-9, (radius, largest)
+    return rows

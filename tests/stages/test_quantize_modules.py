@@ -110,3 +110,28 @@ def test_models_fx_cannot_trace_are_left_unfolded():
             return self.conv(x)
 
     assert conv_bn_pairs(Branchy()) == []
+
+
+def test_bn_folding_in_float64_with_tiny_variances_and_a_conv_bias():
+    """The folded conv equals conv + BN (eval) to float64 precision, for running variances down to 1e-6
+    (where BN's eps of 1e-5 dominates: dropping it changes the output by orders of magnitude) and a conv
+    that already has a bias."""
+    import torch
+    from torch import nn
+
+    from deploypipe.stages.quantize.modules import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, bias=True), nn.BatchNorm2d(6), nn.ReLU()).double().eval()
+    bn = model[1]
+    with torch.no_grad():
+        bn.running_var.copy_(torch.tensor([1e-6, 1e-5, 1e-3, 0.1, 1.0, 4.0], dtype=torch.float64))
+        bn.running_mean.uniform_(-1, 1)
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-0.5, 0.5)
+        model[0].bias.uniform_(-0.3, 0.3)
+    x = torch.randn(4, 3, 7, 7, dtype=torch.float64)
+    want = model(x)
+    folded = fold_batchnorm(model)
+    assert folded == [["0", "1"]] and isinstance(model[1], nn.Identity)
+    torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)

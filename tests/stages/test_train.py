@@ -237,7 +237,9 @@ def test_drs_sides_train_on_half_images_and_certify_together(tmp_path):
                   "--runtime", "onnxruntime", "--out", "drs", "--json", cwd=tmp_path)  # both sides export
     assert res.returncode == 0, res.stderr[-2000:]
     m = last_json(res.stdout)["stages"][0]["metrics"]
-    rows = list(csv.DictReader(open(tmp_path / "drs" / "certify" / "certify.csv")))
+    from conftest import assert_sound_certificates
+
+    rows = assert_sound_certificates(tmp_path / "drs" / "certify" / "certify.csv", 0.18, 300, 0.01, "drs")
     assert len(rows) == 10 and m["certified_acc_r0"] >= 0.5
     code, _, err = run_main("train", "--model", "zoo:digits_cnn", "--consistency", "5", "--out", "bad", cwd=tmp_path)
     assert code == 2 and "noise_sigma" in err and not (tmp_path / "bad").exists()
