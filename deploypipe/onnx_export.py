@@ -53,11 +53,6 @@ def _on_grid(model: nn.Module) -> nn.Module:
     return model
 
 
-def input_names(example: B.Batch) -> list[str]:
-    args, kwargs = B.model_inputs(example)
-    return list(kwargs) if kwargs else ["images"]
-
-
 def export_onnx(model: nn.Module, example: B.Batch | tuple[int, ...], path: str | Path) -> Path:
     """Write ``model`` as ONNX (a copy: the model itself is not touched). ``example``: a batch the
     model takes (image tensor, (input, target) tuple or dict of keyword tensors), or an image shape

@@ -34,7 +34,6 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deploypipe.batches import Batch, batch_size, call, output_tensor

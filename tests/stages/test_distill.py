@@ -14,7 +14,7 @@ from torch import nn
 import deploypipe as dp
 from conftest import last_json, run_main
 from deploypipe.config import DataSpec
-from deploypipe.data import ImageSet, load_data
+from deploypipe.data import load_data
 from deploypipe.stages.distill.kd import auto_kd_weight, kd_loss
 from deploypipe.stages.distill.pruned_kd import reinitialise
 from deploypipe.stages.distill.scores import el2n, forgetting_counts, grand, grand_last_layer

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import deploypipe as dp
-from conftest import last_json, run_cli, run_main
+from conftest import last_json, run_main
 from deploypipe.stages.export.bundle import onnx_io
 from deploypipe.stages.export.engine import build_engine, parser_errors, tensorrt_module
 from deploypipe.stages.export.trt_lint import lint_onnx

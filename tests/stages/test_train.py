@@ -214,7 +214,6 @@ def test_drs_sides_train_on_half_images_and_certify_together(tmp_path):
     """Two side models (left with the consistency regulariser, right seeing its half filled back into
     the full grid) on the diagonal halves of the digits, then DRS certification with both; the side
     models record their half-width input."""
-    import csv
     import json
 
     from conftest import last_json, run_cli, run_main
