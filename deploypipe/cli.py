@@ -89,10 +89,10 @@ def _print_summary(summary: Any, workdir: Path, as_json: bool) -> None:
     table = Table(title=f"pipeline '{summary.name}' — {summary.seconds:.1f} s")
     for col in ("stage", "status", "seconds", "metrics", "output"):
         table.add_column(col)
-    from .stage import REGISTRY
+    registry = _registered()  # the pipeline imported its stages
 
     for s in summary.stages:
-        wanted = REGISTRY[s.stage].headline if s.stage in REGISTRY else ()
+        wanted = registry[s.stage].headline if s.stage in registry else ()
         shown_metrics = {k: s.metrics[k] for k in wanted if k in s.metrics} or dict(list(s.metrics.items())[:8])
         shown = "\n".join(f"{k} {_fmt(v)}" for k, v in shown_metrics.items())
         table.add_row(s.id, s.status, f"{s.seconds:.1f}", shown, s.model or s.dir or "")
@@ -116,6 +116,22 @@ def _fmt(v: float) -> str:
     return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
 
 
+def _registered() -> dict[str, Any]:
+    """The stages registered with deploypipe.stage.register in this process, when it has been imported."""
+    module = sys.modules.get("deploypipe.stage")
+    return dict(module.REGISTRY) if module is not None else {}
+
+
+def _stage_facts() -> dict[str, tuple[str, type]]:
+    """{stage: (help, config class)}: the declared stages and those registered in this process."""
+    from .stage_index import load, stage_index
+
+    facts = {name: (info.help, load(info.config)) for name, info in stage_index().items()}
+    for name, sdef in _registered().items():
+        facts.setdefault(name, (sdef.help, sdef.config))
+    return facts
+
+
 class _Lazy(click.Group):
     """Adds one command per registered stage when the CLI is first used."""
 
@@ -123,14 +139,19 @@ class _Lazy(click.Group):
         if getattr(self, "_loaded", False):
             return
         self._loaded = True
-        from .stage import COMMANDS, load_stages
+        from .stage_index import load, stage_index
 
-        for name, sdef in load_stages().items():
+        for name, info in stage_index().items():  # from the stage packages' declarations: no torch
             if name not in self.commands:
-                self.add_command(_stage_command(name, sdef.config, sdef.help, sdef))
-        for name, command in COMMANDS.items():
+                options, intercept = load(info.options) if info.options else ([], None)
+                self.add_command(_stage_command(name, load(info.config), info.help, options, intercept))
+            for ref in info.commands:
+                command = load(ref)
+                if command.name not in self.commands:
+                    self.add_command(command)
+        for name, sdef in _registered().items():  # stages registered in this process (a plugin, a test)
             if name not in self.commands:
-                self.add_command(command)
+                self.add_command(_stage_command(name, sdef.config, sdef.help))
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._ensure()
@@ -210,10 +231,8 @@ def stages_cmd(as_json: bool) -> None:
       deploypipe stages
       deploypipe stages --json | python -m json.tool
     """
-    from .stage import load_stages
-
-    registry = load_stages()
-    out = {name: {"help": s.help, "options": _schema_rows(s.config)} for name, s in sorted(registry.items())}
+    out = {name: {"help": help_text, "options": _schema_rows(config)}
+           for name, (help_text, config) in sorted(_stage_facts().items())}
     if as_json:
         click.echo(json.dumps(out))
         return
@@ -353,7 +372,11 @@ def _common_flag(loc: tuple) -> Optional[str]:
     return None
 
 
-def _stage_command(name: str, schema: type, help_text: str, sdef: Any = None) -> click.Command:
+def _stage_command(name: str, schema: type, help_text: str, extra: Optional[list] = None,
+                   intercept: Optional[Callable[[dict], Optional[int]]] = None) -> click.Command:
+    """The command of one stage: its config keys as options, the common options, and the stage's own
+    ``extra`` options; ``intercept(options)`` runs first and returns an exit code when it handled the call
+    (``export --check FILE``)."""
     params: list[click.Parameter] = []
     for field, f in schema.model_fields.items():
         ctype, flag = _click_type(f.annotation)
@@ -364,11 +387,11 @@ def _stage_command(name: str, schema: type, help_text: str, sdef: Any = None) ->
         else:
             params.append(click.Option([opt, field], type=ctype, default=None, help=desc))
 
-    extra = list(getattr(sdef, "command_options", []) or [])
+    extra = list(extra or [])
 
     def callback(**kw: Any) -> None:
-        if sdef is not None and sdef.intercept is not None:
-            code = sdef.intercept(kw)
+        if intercept is not None:
+            code = intercept(kw)
             if code is not None:
                 raise SystemExit(code)
         for option in extra:

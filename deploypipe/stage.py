@@ -1,7 +1,12 @@
 """What a stage is: a registered name, a typed config, and a run function.
 
+    # stages/train/__init__.py: what the command line shows without importing the stage (and torch)
+    STAGE = StageInfo(help="Train the model: ...", config="deploypipe.stages.train.config:TrainConfig",
+                      headline=("test_top1", "train_seconds"))
+    # stages/train/config.py
     class TrainConfig(Schema): ...
-    @register("train", help="...")
+    # stages/train/stage.py
+    @register("train", distributed="ddp")
     def run(ctx: StageContext, cfg: TrainConfig) -> StageResult: ...
 
 A stage reads only what the context hands it (input model, data splits, device, previous stages'
@@ -17,6 +22,7 @@ import csv
 import importlib
 import importlib.util
 import pkgutil
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,46 +126,42 @@ class StageDef:
     distributed: Distributed = "none"
     # the image shape the stage feeds its input model, given its config and the data's shape (default: the data's)
     model_input_shape: Optional[Callable[[Any, tuple[int, ...]], tuple[int, ...]]] = None
-    # more options for the stage's command (click.Option objects) and a function that gets the parsed
-    # options first and returns an exit code when it handled the call (e.g. ``export --check FILE``)
-    command_options: list = field(default_factory=list)
-    intercept: Optional[Callable[[dict], Optional[int]]] = None
     headline: tuple[str, ...] = ()  # the metrics the summary table shows (all, when empty)
 
 
 REGISTRY: dict[str, StageDef] = {}
-COMMANDS: dict[str, Any] = {}  # extra CLI commands a stage package brings (click commands), e.g. certify-merge
-
-
-def register_command(command: Any) -> Any:
-    """Add a click command to the CLI (for tools that belong to a stage but are not a stage)."""
-    COMMANDS[command.name] = command
-    return command
-
-
 def register(name: str, help: str = "", distributed: Distributed = "none",
              model_input_shape: Optional[Callable[[Any, tuple[int, ...]], tuple[int, ...]]] = None,
-             command_options: Optional[list] = None,
-             intercept: Optional[Callable[[dict], Optional[int]]] = None,
              headline: tuple[str, ...] = ()) -> Callable:
     """Register a stage; its config schema is the type of the run function's ``cfg`` argument.
     ``distributed``: what the stage does under torchrun — "shards" (divides its work by ``ctx.rank`` /
     ``ctx.world_size``, each rank writing its own folder), "ddp" (trains with DistributedDataParallel;
     rank 0 alone writes and logs), or "none" (refused there: every rank would redo all of it).
     ``model_input_shape(cfg, data_shape)``: the image shape the stage feeds its input model when that
-    is not the data's (DRS certification: half-images); a pipeline's model is checked against it."""
+    is not the data's (DRS certification: half-images); a pipeline's model is checked against it.
+    ``help`` and ``headline`` default to the stage package's ``STAGE`` declaration (deploypipe.stage_index)."""
 
     def deco(fn: Callable) -> Callable:
         hints = typing.get_type_hints(fn)
         cfg_type = hints.get("cfg")
         if not (isinstance(cfg_type, type) and issubclass(cfg_type, BaseModel)):
             raise TypeError(f"stage '{name}': run(ctx, cfg) must annotate cfg with a pydantic model")
-        REGISTRY[name] = StageDef(name, cfg_type, fn, help or (fn.__doc__ or "").strip().split("\n")[0],
-                                  distributed, model_input_shape, list(command_options or []), intercept,
-                                  tuple(headline))
+        info = _declared(fn.__module__)
+        REGISTRY[name] = StageDef(name, cfg_type, fn,
+                                  help or (info.help if info else (fn.__doc__ or "").strip().split("\n")[0]),
+                                  distributed, model_input_shape, tuple(headline or (info.headline if info else ())))
         return fn
 
     return deco
+
+
+def _declared(module: str) -> Any:
+    """The StageInfo that the stage package of ``module`` (deploypipe.stages.<name>.stage) declares, if any."""
+    from .stage_index import StageInfo
+
+    # a package is imported before its modules
+    info = getattr(sys.modules.get(module.rpartition(".")[0]), "STAGE", None)
+    return info if isinstance(info, StageInfo) else None
 
 
 def load_stages() -> dict[str, StageDef]:

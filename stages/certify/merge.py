@@ -28,7 +28,6 @@ from pydantic import ValidationError
 
 from deploypipe.errors import InputError
 from deploypipe.pipeline import standalone_run
-from deploypipe.stage import register_command
 
 from .config import CertifyConfig
 from .outputs import comparable_settings, read_output
@@ -119,25 +118,9 @@ def _write(out: Path, cfg: CertifyConfig, rows: list[dict], ref_rows: list[dict]
     return metrics
 
 
-@register_command
-@click.command("certify-merge")
-@click.argument("shards", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="folder for the merged certify.csv, metrics.json and certified_accuracy.png")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
-              help="where the default MLflow store (mlflow.db, mlartifacts/) lives")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, then "
-              "sqlite:///<workdir>/mlflow.db)")
-@click.option("--experiment", default="deploypipe", show_default=True, help="MLflow experiment name")
-def certify_merge(shards: tuple[Path, ...], out: Path, workdir: Path, tracking_uri: str | None,
-                  experiment: str) -> None:
-    """Merge sharded certify outputs into one result.
-
-    \b
-    Example (4 job-array tasks, then one merge):
-      deploypipe certify --model M --data D --shard 0/4 --out runs/s0   # ... 1/4, 2/4, 3/4
-      deploypipe certify-merge runs/s0/certify runs/s1/certify runs/s2/certify runs/s3/certify --out runs/merged
-    """
+def run_merge(shards: tuple[Path, ...], out: Path, workdir: Path, tracking_uri: str | None,
+              experiment: str) -> None:
+    """What ``deploypipe certify-merge`` does (see merge_command.py): merge, record the MLflow run, report."""
     cfg, rows, ref_rows = merge_shards(list(shards))
     target = out.resolve()
     for shard in shards:

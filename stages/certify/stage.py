@@ -33,7 +33,6 @@ from deploypipe.errors import InputError
 from deploypipe.progress import log
 from deploypipe.stage import StageContext, StageResult, register
 
-from . import merge as _merge_command  # noqa: F401  (registers the certify-merge command)
 from .classifier import (Autocast, base_classifier, check_outputs, load_saved, probe_halves, probe_images,
                          weights_hash)
 from .config import CPU_FORWARD_BATCH, CertifyConfig
@@ -57,10 +56,7 @@ def model_input_shape(cfg: CertifyConfig, shape: tuple[int, ...]) -> tuple[int, 
     return half_image_shape(shape) if cfg.method == "drs" else tuple(shape)
 
 
-@register("certify", help="Certified L2 robustness by randomized smoothing (rs) or dual randomized smoothing (drs), "
-                          "sound radii",
-          distributed="shards", model_input_shape=model_input_shape,
-          headline=("certified_acc_r0", "certified_acc_r0.5", "acr", "images", "seconds_per_image"))
+@register("certify", distributed="shards", model_input_shape=model_input_shape)
 def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
     device = ctx.device
     shard = cfg.shard

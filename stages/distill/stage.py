@@ -67,9 +67,7 @@ def _curves(history: list[dict]) -> Figure:
     return fig
 
 
-@register("distill", help="Data pruning (random, EL2N, GraNd, forgetting) with knowledge distillation into a "
-                          "student trained on the kept examples", headline=("test_top1", "teacher_test_top1",
-                                                                            "kept_examples", "train_seconds"))
+@register("distill")
 def run(ctx: StageContext, cfg: DistillConfig) -> StageResult:
     data = ctx.data
     mean, std = data.channel_stats()

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import torch
 from matplotlib.figure import Figure
-from pydantic import Field
 
-from deploypipe.config import Schema
 from deploypipe.evaluation import latency_ms, parameter_count, state_bytes, storage_bytes
 from deploypipe.stage import StageContext, StageResult, register
 
-
-class EvaluateConfig(Schema):
-    batch_size: int = Field(256, ge=1, description="images per batch for accuracy")
-    latency_batch_size: int = Field(32, ge=1, description="batch size of the latency measurement")
-    latency_repeats: int = Field(20, ge=1, description="timed forward passes (median reported)")
-    latency_warmup: int = Field(3, ge=0, description="untimed forward passes first")
-    threads: int = Field(0, ge=0, description="CPU threads for the latency measurement (0 = torch's default)")
+from .config import EvaluateConfig
 
 
 def _confusion_figure(conf: torch.Tensor, classes: list[str]) -> Figure:
@@ -31,8 +23,7 @@ def _confusion_figure(conf: torch.Tensor, classes: list[str]) -> Figure:
     return fig
 
 
-@register("evaluate", help="Measure top-1, loss, parameter count, size and CPU latency of the current model",
-          headline=("test_top1", "size_bytes", "latency_ms_median"))
+@register("evaluate")
 def run(ctx: StageContext, cfg: EvaluateConfig) -> StageResult:
     model, test = ctx.model.eval(), ctx.data.test
     with torch.inference_mode():

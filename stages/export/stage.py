@@ -11,56 +11,18 @@ exit 0 clean, 1 with the offending nodes) and ``deploypipe promote NAME VERSION 
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Optional
-
-import click
 
 from deploypipe.data import cache_dir
-from deploypipe.errors import InputError
 from deploypipe.evaluation import top1_and_loss
 from deploypipe.progress import log
-from deploypipe.stage import StageContext, StageResult, register, register_command
+from deploypipe.stage import StageContext, StageResult, register
 
 from .bundle import model_card, write_bundle
 from .config import ExportConfig
-from .engine import parser_errors, tensorrt_module
 from .exporter import export
-from .trt_lint import lint_onnx
 
 HEADLINES = ("test_top1", "size_fraction_of_fp32", "certified_acc_r0.25", "certified_acc_r0.5", "acr",
              "sparse_layer_sparsity", "epochs")
-
-
-def check_file(path: str) -> int:
-    """``deploypipe export --check FILE.onnx``: the lint (and TensorRT's parser when installed); the
-    exit code: 0 clean, 1 with the offending nodes printed one per line."""
-    if not Path(path).is_file():
-        raise InputError(f"ONNX file '{path}' does not exist", "give the path of an .onnx file")
-    try:
-        findings = [str(f) for f in lint_onnx(path)]
-    except Exception as err:  # not an ONNX protobuf
-        raise InputError(f"'{path}' is not a readable ONNX file ({type(err).__name__})",
-                         "give an .onnx file") from None
-    try:
-        trt, backend = tensorrt_module("auto")
-        findings += [f"{backend} parser: {e}" for e in parser_errors(path, trt)]
-    except ValueError:
-        backend = None
-    for line in findings:
-        click.echo(line)
-    checked = "the TensorRT lint" + (f" and {backend}'s ONNX parser" if backend else " (no TensorRT module installed)")
-    click.echo(f"{path}: {'clean' if not findings else f'{len(findings)} problems'} ({checked})")
-    return 1 if findings else 0
-
-
-CHECK = click.Option(["--check"], default=None, metavar="FILE.onnx",
-                     help="only check FILE.onnx against TensorRT's quantization rules (exit 0 clean, 1 with the "
-                          "offending nodes); no --model needed")
-
-
-def _intercept(kw: dict) -> Optional[int]:
-    return check_file(kw["check"]) if kw.get("check") else None
 
 
 def _lineage(ctx: StageContext) -> list[dict]:
@@ -79,10 +41,7 @@ def _certified(ctx: StageContext) -> dict[str, float]:
     return {}
 
 
-@register("export", help="Export the model that ships: ONNX (checked in ONNX Runtime), TensorRT engine, Triton "
-                         "bundle, model card, registered MLflow version", command_options=[CHECK],
-          intercept=_intercept, headline=("test_top1", "onnx_top1_agreement", "trt_lint_findings", "engine_bytes",
-                                          "onnxruntime_speedup_b64", "shipped_acr"))
+@register("export")
 def run(ctx: StageContext, cfg: ExportConfig) -> StageResult:
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.name or ctx.record.factory.split(":")[-1])
     sparse = {p for t in ctx.record.transforms if t.get("kind") == "sparsify" for p in t["params"]["layers"].values()}
@@ -137,30 +96,3 @@ def run(ctx: StageContext, cfg: ExportConfig) -> StageResult:
                 **{k: f"{v:.4f}" for k, v in certified.items()}}
         registration = {"name": cfg.register, "path": "bundle", "tags": tags, "alias": "candidate"}
     return StageResult(metrics=metrics, registration=registration)
-
-
-@register_command
-@click.command("promote")
-@click.argument("name")
-@click.argument("version")
-@click.option("--alias", default="production", show_default=True, help="the alias to move onto VERSION")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
-              help="where the default MLflow store lives")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, then "
-              "sqlite:///<workdir>/mlflow.db)")
-def promote(name: str, version: str, alias: str, workdir: Path, tracking_uri: Optional[str]) -> None:
-    """Move an alias of a registered model (e.g. candidate -> production) to a version.
-
-    \b
-    Example:
-      deploypipe promote resnet20 3 --alias production
-    """
-    from deploypipe.tracking import check_reachable, default_uri, resolve_uri, set_model_alias
-
-    uri = resolve_uri(tracking_uri, None, workdir)
-    if uri == default_uri(workdir) and not (workdir / "mlflow.db").is_file():
-        raise InputError(f"no MLflow store at {workdir / 'mlflow.db'}", "give the --workdir of the export run, or "
-                         "--tracking-uri")
-    check_reachable(uri)
-    set_model_alias(uri, name, version, alias)
-    click.echo(f"{name} version {version} is now '{alias}' ({uri})")

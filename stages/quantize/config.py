@@ -9,8 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from deploypipe.schema import Schema
 
-from .adaquant import AdaQuantSettings
-from .quantizer import FP16
+FP16 = 16  # a "bit width" that means: keep the layer in half precision (weights and inputs)
 
 
 class QuantizeConfig(Schema):
@@ -86,7 +85,9 @@ class QuantizeConfig(Schema):
     cache_budget_mb: float = Field(
         1024, gt=0, description="memory for one layer's cached inputs+outputs (subsampled above it)")
 
-    def adaquant_settings(self) -> AdaQuantSettings:
+    def adaquant_settings(self):
+        from .adaquant import AdaQuantSettings
+
         return AdaQuantSettings(self.iters, self.batch_size, self.lr_weight, self.lr_bias, self.lr_weight_scale,
                                 self.lr_act_scale)
 

@@ -56,9 +56,7 @@ def _pareto_plot(rows: list[dict], fp_top1: float, chosen: float, key: str, unit
     return fig
 
 
-@register("quantize", help="Post-training quantization: BN folding, calibrated ranges, AdaQuant (W/A bits, first/last "
-                           "8-bit)",
-          headline=("test_top1", "fp_top1", "size_fraction_of_fp32", "ip_average_bits", "calibration_seconds"))
+@register("quantize")
 def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
     def measure(model: torch.nn.Module) -> dict[str, float]:
         top1, loss = top1_and_loss(model, ctx.data.test, device=ctx.device)

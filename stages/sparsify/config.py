@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from deploypipe.schema import Schema
 
-from .patterns import Pattern
+from .nm_pattern import Pattern
 from .schedules import SRSTE_LAMBDA, Decay, Recipe, default_schedule, parse_schedule
 
 

@@ -10,8 +10,6 @@ checks — i.e. rows of the weight permuted to (out, kh, kw, in). ``reduction_vi
 from __future__ import annotations
 
 import fnmatch
-import re
-from dataclasses import dataclass
 from typing import Iterable, Union
 
 import torch
@@ -19,36 +17,10 @@ from torch import nn
 
 from deploypipe.models import register_transform
 
+from .nm_pattern import Pattern
+
 Sparsifiable = Union[nn.Conv2d, nn.Linear]
 TRANSFORM_MODULE = __name__
-
-
-@dataclass(frozen=True)
-class Pattern:
-    n: int
-    m: int
-
-    @classmethod
-    def parse(cls, text: str) -> "Pattern":
-        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
-        if not match:
-            raise ValueError(f"'{text}' is not an N:M pattern — fix: "
-                             "write it as N:M with N < M, e.g. 2:4 or 1:8")
-        n, m = int(match[1]), int(match[2])
-        if not 0 < n < m:
-            raise ValueError(f"pattern {n}:{m} needs 0 < N < M — fix: "
-                             "e.g. 2:4, 1:4, 2:8, 1:8, 1:16, 1:32")
-        if m > 128:
-            raise ValueError(f"pattern {n}:{m}: M above 128 is not supported (positions are stored in a byte) — fix: "
-                             "use M <= 128, e.g. 1:32 or 1:64")
-        return cls(n, m)
-
-    @property
-    def density(self) -> float:
-        return self.n / self.m
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}"
 
 
 def reduction_view(weight: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 
-from .patterns import Pattern
+from .nm_pattern import Pattern
 
 SRSTE_LAMBDA = 2e-4
 

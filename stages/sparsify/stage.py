@@ -8,9 +8,6 @@ record ({layer: "N:M"}) so that quantize keeps the pattern and the checker knows
 
 from __future__ import annotations
 
-from typing import Optional
-
-import click
 import torch
 from matplotlib.figure import Figure
 
@@ -18,10 +15,9 @@ from deploypipe.errors import InputError
 from deploypipe.evaluation import top1_and_loss
 from deploypipe.kernels.dispatch import interpreter_requested
 from deploypipe.progress import log
-from deploypipe.stage import StageContext, StageResult, register, register_command
+from deploypipe.stage import StageContext, StageResult, register
 from deploypipe.training import EpochLog
 
-from .checker import check_path
 from .config import SparsifyConfig
 from .nm_training import sparsify
 from .patterns import TRANSFORM_MODULE, Pattern
@@ -54,42 +50,7 @@ def _plots(history: list[dict], steps: list[dict], table: list[dict], skipped: l
     return fig
 
 
-@click.command("check-sparsity", help="Check that a saved model folder or an ONNX file is N:M sparse; exit 1 if a "
-                                      "layer breaks its pattern.")
-@click.argument("path")
-@click.option("--pattern", default=None, help="N:M to check (default: the patterns the model records; required for "
-                                              "ONNX)")
-@click.option("--layers", "layers", multiple=True, default=("*",), show_default=True, help="glob patterns of layer / "
-                                                                                           "weight names")
-@click.option("--json", "as_json", is_flag=True, help="print the table as JSON")
-def check_sparsity(path: str, pattern: Optional[str], layers: tuple[str, ...], as_json: bool) -> None:
-    import json
-
-    try:
-        rows = check_path(path, Pattern.parse(pattern) if pattern else None, layers)
-    except ValueError as err:
-        if not InputError.is_for_user(err):
-            raise
-        raise InputError.from_error(err, "check-sparsity") from None
-    if not rows:
-        raise InputError(f"no layer of '{path}' can hold the pattern{' ' + pattern if pattern else ''}",
-                         "check --pattern and --layers (reduction sizes must be multiples of M)")
-    bad = [r for r in rows if not r["ok"]]
-    if as_json:
-        click.echo(json.dumps({"ok": not bad, "layers": rows}))
-    else:
-        for r in rows:
-            click.echo(f"{'ok  ' if r['ok'] else 'FAIL'} {r['layer']:<40} {r['shape']:<16} {r['pattern']:<6} "
-                       f"zeros {100 * r['sparsity']:5.1f}%  groups breaking it {r['violating_groups']}/{r['groups']}")
-        click.echo(f"{len(rows) - len(bad)} of {len(rows)} layers hold their pattern")
-    raise SystemExit(1 if bad else 0)
-
-
-register_command(check_sparsity)
-
-
-@register("sparsify", help="N:M structured sparsity by training: SR-STE, mask decay (MDGF), structure decay (SDGF)",
-          distributed="ddp", headline=("test_top1", "dense_top1", "sparse_layer_sparsity", "train_seconds"))
+@register("sparsify", distributed="ddp")
 def run(ctx: StageContext, cfg: SparsifyConfig) -> StageResult:
     if cfg.kernels == "triton" and ctx.device.type != "cuda" and not interpreter_requested():
         raise InputError("--kernels triton on CPU runs Triton's interpreter, which needs TRITON_INTERPRET=1 "

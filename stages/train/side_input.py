@@ -24,9 +24,10 @@ from torch import nn
 
 from deploypipe.models import register_transform
 
+from .config import SIDES
+
 TRANSFORM_MODULE = __name__
 KIND = "drs_grid_fill"
-SIDES = ("left", "right")
 
 
 def _neighbour_sum(t: torch.Tensor) -> torch.Tensor:
