@@ -85,7 +85,7 @@ def main() -> None:
     from deploypipe.config import DataSpec
     from deploypipe.data import load_data
     from deploypipe.models import load_model
-    from deploypipe.stages.certify.smoothing import certify, image_generator
+    from deploypipe.smoothing import certify, image_generator
     from deploypipe.stages.certify.runtime import to_onnxruntime
     from deploypipe.stages.certify.classifier import prepare as _prepare
     from deploypipe.stages.certify.config import CPU_FORWARD_BATCH, CertifyConfig

@@ -35,10 +35,10 @@ _EXPORTS = {
     "SparsifyConfig": "deploypipe.stages.sparsify.config",
     "SparsifyReport": "deploypipe.stages.sparsify.nm_training",
     # certify: randomized smoothing and dual randomized smoothing, sound radii
-    "Smoothed": "deploypipe.stages.certify.smoothing",
-    "DualSmoothed": "deploypipe.stages.certify.smoothing",
-    "Certificate": "deploypipe.stages.certify.smoothing",
-    "ABSTAIN": "deploypipe.stages.certify.smoothing",
+    "Smoothed": "deploypipe.smoothing",
+    "DualSmoothed": "deploypipe.smoothing",
+    "Certificate": "deploypipe.smoothing",
+    "ABSTAIN": "deploypipe.smoothing",
     # distill: data pruning with knowledge distillation
     "distill": "deploypipe.stages.distill.pruned_kd",
     "DistillConfig": "deploypipe.stages.distill.config",

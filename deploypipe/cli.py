@@ -272,6 +272,42 @@ def _schema_rows(schema: type) -> list[dict]:
     return rows
 
 
+@cli.command("report")
+@click.argument("pipeline_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--trust-factory", multiple=True,
+              help="a user model factory (module:callable) the model folders may name")
+@click.option("--no-tracking", is_flag=True, help="write the files only; do not log them to the pipeline's MLflow run")
+def report_cmd(pipeline_dir: Path, trust_factory: tuple[str, ...], no_tracking: bool) -> None:
+    """Every model a pipeline produced side by side: size, BOPs, latency, top-1, certified accuracy, ACR.
+
+    \b
+    Writes report.md, report.csv and report.png into PIPELINE_DIR and logs them to the pipeline's
+    MLflow run (the run of the folder's result.json files). 'deploypipe run' writes it at the end.
+    Example:
+      deploypipe report runs/cifar-ship
+    """
+    if not pipeline_dir.is_dir():
+        raise InputError(f"no pipeline folder at {pipeline_dir}", "give the folder 'deploypipe run' wrote (its --out, "
+                                                                  "e.g. runs/demo)")
+    from .report import collect, write_report
+
+    try:
+        files = write_report(pipeline_dir, trusted=list(trust_factory))
+    except ValueError as err:
+        raise InputError(*str(err).split(" — fix: ", 1)) from None
+    if not files:
+        raise InputError(f"{pipeline_dir} holds no finished stage", "run the pipeline first")
+    click.echo((pipeline_dir / "report.md").read_text())
+    _, tracking = collect(pipeline_dir)
+    if not no_tracking and tracking.get("pipeline_run_id"):
+        from .tracking import log_files
+
+        where = log_files(tracking["tracking_uri"], tracking["pipeline_run_id"], files)
+        click.echo(f"report files: {', '.join(str(f) for f in files)}; {where}", err=True)
+    else:
+        click.echo(f"report files: {', '.join(str(f) for f in files)}", err=True)
+
+
 @cli.command("ui")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
               help="the work directory whose mlflow.db to serve")
@@ -291,11 +327,54 @@ def ui_cmd(workdir: Path, host: str, port: int) -> None:
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db.resolve()}",
            "--artifacts-destination", str((workdir / "mlartifacts").resolve()), "--host", host,
            "--port", str(port), "--workers", "1"]
-    click.echo(f"MLflow UI for {workdir}: http://{host}:{port}/#/experiments{UI_VIEW}  (Ctrl-C to stop)", err=True)
+    url = f"http://{host}:{port}"
+    click.echo(f"starting the MLflow server for {workdir} on {url} ...", err=True)
+    server = subprocess.Popen(cmd, start_new_session=True)  # its own process group: stopped as one (uvicorn, workers)
     try:
-        raise SystemExit(subprocess.call(cmd))
-    except KeyboardInterrupt:
-        raise SystemExit(0)
+        if _wait_until_serving(url, server):
+            click.echo(f"MLflow UI ready: {url}/#/experiments{UI_VIEW}  (Ctrl-C to stop)", err=True)
+        code = server.wait()
+        if code:
+            click.echo(f"error: the MLflow server exited with code {code} — fix: see its messages above (is port "
+                       f"{port} taken? try --port)", err=True)
+        raise SystemExit(2 if code else 0)
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM (Terminated): stop the whole server group
+        _stop_group(server)
+        click.echo("MLflow server stopped", err=True)
+        raise SystemExit(143 if isinstance(err, Terminated) else 0)
+
+
+def _wait_until_serving(url: str, server: subprocess.Popen, timeout: float = 300.0) -> bool:
+    """Poll the server's /health until it answers (True), it exits, or ``timeout`` passes."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def _stop_group(server: subprocess.Popen) -> None:
+    import os
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 # --------------------------------------------------------------------------- one command per stage

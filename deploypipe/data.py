@@ -106,6 +106,14 @@ class Splits:
     classes: list[str]
     augment: Optional[Augment]
     fingerprint: str  # identity of the data (spec + decoded content): part of resume keys
+    calib_index: Optional[torch.Tensor] = None  # which train images the calibration set holds
+
+    def held_out(self, count: int, seed: int) -> ImageSet:
+        """Up to ``count`` training images outside the calibration set, drawn with ``seed``: data a stage
+        may select on (never the test split) without reusing what it calibrated on."""
+        used = set(self.calib_index.tolist()) if self.calib_index is not None else set()
+        order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed)).tolist()
+        return self.train.subset(torch.tensor([i for i in order if i not in used][:count], dtype=torch.long))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -333,7 +341,7 @@ def load_data(spec: DataSpec, workers: int = 2) -> Splits:
         augment = Augment(pad=max(1, h // 8), flip=natural)
     fingerprint = hashlib.sha256(json.dumps([spec.model_dump(mode="json"), keys]).encode()).hexdigest()
     return Splits(train=train, calib=train.subset(calib_index), test=test, classes=classes,
-                  augment=augment, fingerprint=fingerprint)
+                  augment=augment, fingerprint=fingerprint, calib_index=calib_index)
 
 
 # --------------------------------------------------------------------------- DRS half-images

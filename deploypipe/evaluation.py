@@ -61,6 +61,38 @@ def storage_bytes(model: nn.Module) -> float:
     return bits / 8
 
 
+@torch.no_grad()
+def bit_operations(model: nn.Module, input_shape: tuple[int, ...]) -> float:
+    """Bit operations per image of the Conv2d / Linear layers (van Baalen et al. 2020): MACs x weight
+    bits x input bits, counting only multiplications by non-zero weights (an N:M layer does N of every
+    M). A wrapper that declares ``w_bits`` / ``a_bits`` and holds its layer as ``.layer`` (a quantized
+    layer) counts at its bits (None = float, 32); every other layer at 32 x 32."""
+    counts: list[float] = []
+    wrapped = {id(m.layer) for m in model.modules() if hasattr(m, "w_bits") and hasattr(m, "layer")}
+    hooks = []
+    for m in model.modules():
+        if hasattr(m, "w_bits") and hasattr(m, "layer"):
+            layer, w_bits, a_bits = m.layer, m.w_bits or 32, m.a_bits or 32
+        elif isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in wrapped:
+            layer, w_bits, a_bits = m, 32, 32
+        else:
+            continue
+        weight = layer.weight
+        per_output = weight[0].numel() * float((weight != 0).float().mean())
+        hooks.append(m.register_forward_hook(
+            lambda _m, _i, o, k=per_output, bits=w_bits * a_bits: counts.append(o[0].numel() * k * bits)))
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, *input_shape, device=param.device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return float(sum(counts))
+
+
 def state_bytes(model: nn.Module) -> int:
     """Bytes of the state dict's tensors as stored (parameters and buffers)."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())

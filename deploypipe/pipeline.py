@@ -370,6 +370,8 @@ class Pipeline:
                     break  # later stages are not asked for
             status = "FINISHED"
             tracker.log_metrics(self._final_figures(outcomes))
+            if self.writes and self.mode != "shards" and any(o.status == "ran" for o in outcomes):
+                self._report(tracker)
         except KeyboardInterrupt:
             status = "KILLED"
             raise
@@ -378,6 +380,22 @@ class Pipeline:
         return PipelineSummary(self.cfg.name, str(self.out_dir), self.uri, tracker.experiment_id, tracker.run_id,
                                outcomes,
                                tracker.seconds, tracker.setup_seconds, tracker.calls, time.perf_counter() - t_start)
+
+    def _report(self, tracker: Tracker) -> None:
+        """report.md / .csv / .png over every artifact (deploypipe.report), logged to the pipeline run. A
+        failure here costs the report only: the stages' results are already safe."""
+        from .report import write_report
+
+        try:
+            files = write_report(self.out_dir)
+            for path in files:
+                tracker.log_artifact(path)
+        except Exception as err:  # noqa: BLE001
+            log(f"pipeline report not finished ({type(err).__name__}: {err}); 'deploypipe report {self.out_dir}' "
+                "retries it")
+            return
+        if files:
+            log(f"pipeline report: {self.out_dir / 'report.md'} (and report.png)")
 
     def _final_figures(self, outcomes: list[StageOutcome]) -> dict[str, float]:
         """The pipeline run's own metrics: each stage's headline figures as ``<stage id>/<metric>``."""

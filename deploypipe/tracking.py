@@ -221,6 +221,21 @@ class Tracker:
             self.call("set_terminated", self.run_id, status)
 
 
+def log_files(uri: str, run_id: str, paths: list[Path], timeout: float = 5.0) -> str:
+    """Log files to an existing run (``deploypipe report`` on a finished pipeline); returns a line
+    saying where they went, or why they did not (the files stay on disk either way)."""
+    try:
+        check_reachable(uri, timeout)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        for path in paths:
+            client.log_artifact(run_id, str(path))
+    except Exception as err:  # noqa: BLE001 — a tracking failure must not lose the report files
+        return f"not logged to MLflow ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
+    return f"logged to MLflow run {run_id}"
+
+
 def set_model_alias(uri: str, name: str, version: str, alias: str) -> None:
     """Point ``alias`` of registered model ``name`` at ``version`` (``deploypipe promote``)."""
     from mlflow import MlflowClient

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import deploypipe as dp
-from deploypipe.stages.certify.smoothing import certify, certify_drs, image_generator
+from deploypipe.smoothing import certify, certify_drs, image_generator
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -179,7 +179,7 @@ def test_sparsify_a_dict_batch_model_from_a_list_of_batches():
 
 
 @pytest.mark.parametrize("module", ["deploypipe.stages.quantize.ptq", "deploypipe.stages.sparsify.nm_training",
-                                    "deploypipe.stages.certify.smoothing", "deploypipe.onnx_export",
+                                    "deploypipe.smoothing", "deploypipe.onnx_export",
                                     "deploypipe.stages.quantize.bit_allocation", "deploypipe.models"])
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)

@@ -81,6 +81,21 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     assert export["metrics"]["trt_lint_findings"] == 0 and export["metrics"]["onnx_top1_agreement"] >= 0.99
     assert export["metrics"]["shipped_acr"] == pytest.approx(certify["metrics"]["acr"])
     assert "bundle/model_card.md" in artifact_names(client, runs["export"].info.run_id, "bundle")
+    # the pipeline report: one row per artifact, its figures the stages' own, logged to the parent run
+    import csv as _csv
+
+    rows = {r["artifact"]: r for r in _csv.DictReader(open(out / "report.csv"))}
+    assert list(rows) == ["train", "sparsify", "quantize", "export (ONNX)"]
+    for name, stage in (("train", train), ("sparsify", sparsify), ("quantize", quantize), ("export (ONNX)", export)):
+        assert float(rows[name]["top1"]) == pytest.approx(stage["metrics"]["test_top1"])
+    for key in ("certified_acc_r0.25", "certified_acc_r0.5", "acr"):  # certify received the quantized model
+        assert float(rows["quantize"][key]) == pytest.approx(certify["metrics"][key])
+        assert float(rows["export (ONNX)"][key]) == pytest.approx(export["metrics"][f"shipped_{key}"])
+    assert float(rows["quantize"]["bytes"]) == pytest.approx(evaluate["metrics"]["size_bytes"])  # one size definition
+    assert float(rows["export (ONNX)"]["file_bytes"]) == pytest.approx(export["metrics"]["onnx_bytes"])
+    assert float(rows["sparsify"]["gbops"]) == pytest.approx(float(rows["train"]["gbops"]) / 2, rel=0.05)  # 2:4 convs
+    assert not rows["train"]["certified_acc_r0.25"] and "| quantize |" in (out / "report.md").read_text()
+    assert {"report.md", "report.png", "report.csv"} <= artifact_names(client, summary["run_id"])
     # artifacts live next to the store, not in ./mlruns; outputs in <workdir>/<pipeline>/<stage>
     assert (tmp_path / "store" / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
     assert (tmp_path / "store" / "demo" / "train" / "model" / "model.json").is_file() and not (tmp_path / "runs").exists()

@@ -4,11 +4,12 @@ its children and their artifacts (the PNG plots included). And the team launch s
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
 
-from conftest import REPO, free_port, last_json, pipeline_file, run_cli, wait_for_health
+from conftest import REPO, free_port, last_json, pipeline_file, run_cli
 
 
 @pytest.mark.usefixtures("cli_store")
@@ -21,8 +22,13 @@ def test_ui_serves_runs_and_artifacts(tmp_path):
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for_health(base, proc)
-        assert requests.get(base + "/", timeout=10).ok  # the UI page itself
+        seen = []
+        for line in proc.stdout:  # the "ready" line comes only once the server answers
+            seen.append(line.decode())
+            if "MLflow UI ready" in seen[-1]:
+                break
+        assert "MLflow UI ready" in seen[-1], "".join(seen)[-2000:]
+        assert requests.get(base + "/", timeout=10).ok  # the UI page itself, right after the ready line
         exps = requests.get(base + "/ajax-api/2.0/mlflow/experiments/search", params={"max_results": 100}, timeout=10).json()
         exp_ids = [e["experiment_id"] for e in exps["experiments"]]
         runs = requests.post(base + "/ajax-api/2.0/mlflow/runs/search", json={"experiment_ids": exp_ids}, timeout=10).json()["runs"]
@@ -34,9 +40,21 @@ def test_ui_serves_runs_and_artifacts(tmp_path):
         assert {"training_curves.png", "epochs.csv", "model", "config.yaml"} <= {f["path"] for f in listed["files"]}
         png = requests.get(base + "/get-artifact", params={"path": "training_curves.png", "run_uuid": train}, timeout=10)
         assert png.ok and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+        # SIGTERM to the ui process alone stops the server it started (uvicorn and its workers), port freed
+        proc.send_signal(15)
+        assert proc.wait(60) == 143
+        for _ in range(20):  # the workers exit with the group; allow them a moment to close the socket
+            try:
+                requests.get(base + "/health", timeout=2)
+            except requests.ConnectionError:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"{base} still answers after the ui process was terminated")
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(20)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(20)
 
 
 def test_team_launch_script_parses_and_dry_runs():

@@ -45,7 +45,7 @@ def main() -> None:
         raise SystemExit("no CUDA GPU visible: this script is for a lent GPU")
     device = torch.device("cuda")
     from deploypipe.models import is_model_dir, load_model
-    from deploypipe.stages.certify.smoothing import certify, image_generator
+    from deploypipe.smoothing import certify, image_generator
     from deploypipe.stages.certify.classifier import prepare as _prepare
     from deploypipe.stages.certify.config import CertifyConfig
     from deploypipe.zoo import ZOO

@@ -13,7 +13,7 @@ from deploypipe.progress import log
 
 from .config import CPU_FORWARD_BATCH, CertifyConfig
 from .runtime import OnnxClassifier, to_onnxruntime
-from .smoothing import split
+from deploypipe.smoothing import split
 
 
 class Autocast(torch.nn.Module):

@@ -7,7 +7,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .config import CertifyConfig
-from .smoothing import ABSTAIN
+from deploypipe.smoothing import ABSTAIN
 
 
 def summarize(rows: list[dict], radii: list[float], prefix: str = "") -> dict[str, float]:

@@ -16,7 +16,7 @@ from deploypipe.progress import log, progress
 
 from .config import MIN_FORWARD_CHUNK, CertifyConfig
 from .outputs import comparable_settings, read_output
-from .smoothing import DualSmoothed, Smoothed
+from deploypipe.smoothing import DualSmoothed, Smoothed
 
 
 def select_images(total: int, num_images: Optional[int], every: Optional[int], shard: Optional[str]) -> list[int]:

@@ -1,6 +1,6 @@
 """The certify stage: certified L2 robustness of the pipeline's current model (the one that ships,
 quantized or sparse included) by randomized smoothing (RS) or dual randomized smoothing (DRS), with
-sound radii (smoothing.py).
+sound radii (deploypipe/smoothing.py, shared with quantize's robustness-aware allocation).
 
 Images: every ``every``-th test image, or ``num_images`` evenly spaced ones (all when neither);
 ``shard: i/k`` keeps every k-th of those starting at i, for job arrays and torchrun ranks — the noise
@@ -39,7 +39,7 @@ from .config import CPU_FORWARD_BATCH, CertifyConfig
 from .report import plot_curves, reference_metrics, summarize
 from .runner import certify_rows, reused_certificates, select_images
 from .runtime import OnnxClassifier
-from .smoothing import DualSmoothed, Smoothed, split
+from deploypipe.smoothing import DualSmoothed, Smoothed, split
 
 
 def _smoothed(models: tuple, cfg: CertifyConfig, num_classes: int, seed: int, device: torch.device) -> Smoothed:

@@ -13,11 +13,13 @@ from .config import EvaluateConfig
 
 def _confusion_figure(conf: torch.Tensor, classes: list[str]) -> Figure:
     k = len(classes)
-    fig = Figure(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k))
+    fig = Figure(figsize=(2.0 + 0.45 * k, 0.8 + 0.45 * k))
     ax = fig.subplots()
     rates = conf / conf.sum(1, keepdim=True).clamp_min(1)
-    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title="confusion (row-normalised)")
+    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of the true class's test images")
+    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted class", ylabel="true class",
+           title=f"confusion on {int(conf.sum())} test images")
     ax.set_xticklabels(classes, rotation=90, fontsize=7)
     ax.set_yticklabels(classes, fontsize=7)
     return fig

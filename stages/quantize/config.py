@@ -82,6 +82,28 @@ class QuantizeConfig(Schema):
         0.0, ge=0,
         description="Gaussian noise on the [0,1] calibration images (a base classifier for randomized smoothing sees "
                     "noisy inputs: calibrate on those; e.g. the train stage's noise_sigma); 0 = clean")
+    sensitivity: Literal["clean", "noisy"] = Field(
+        "clean",
+        description="with bit_candidates: measure each layer's loss delta on the clean calibration images, or on "
+                    "Gaussian-noised ones at sigma (what randomized smoothing will feed the base classifier)")
+    sigma: Optional[float] = Field(
+        None, gt=0, description="the certification noise level, for sensitivity noisy and the certified constraints")
+    max_acr_loss: Optional[float] = Field(
+        None, ge=0,
+        description="with bit_candidates and a budget: the most average certified radius the quantized model may lose "
+                    "against the FP model on a held-out selection subset of the training data (re-solves with a "
+                    "larger budget until it holds)")
+    min_certified_accuracy: Optional[str] = Field(
+        None,
+        description="R:A, e.g. 0.25:0.6 — with bit_candidates and a budget: the certified accuracy at L2 radius R on "
+                    "the selection subset must stay at least A (a fraction)")
+    selection_images: int = Field(
+        200, ge=10, description="training images (outside the calibration set) certified to check the constraint")
+    selection_n: int = Field(1000, ge=10, description="noisy samples per image when certifying the selection subset")
+    selection_n0: int = Field(100, ge=1, description="noisy samples that choose the candidate class (selection)")
+    selection_alpha: float = Field(0.001, gt=0, lt=0.5, description="failure probability of each selection certificate")
+    max_rounds: int = Field(
+        4, ge=1, description="with a certified constraint: the most models certified on the selection subset")
     cache_budget_mb: float = Field(
         1024, gt=0, description="memory for one layer's cached inputs+outputs (subsampled above it)")
 
@@ -90,6 +112,29 @@ class QuantizeConfig(Schema):
 
         return AdaQuantSettings(self.iters, self.batch_size, self.lr_weight, self.lr_bias, self.lr_weight_scale,
                                 self.lr_act_scale)
+
+    def certified_constraint(self) -> Optional[tuple[str, float, float]]:
+        """("acr", max loss, 0) or ("certified_accuracy", radius, least accuracy), or None."""
+        if self.max_acr_loss is not None:
+            return "acr", self.max_acr_loss, 0.0
+        if self.min_certified_accuracy is not None:
+            radius, accuracy = (float(v) for v in self.min_certified_accuracy.split(":"))
+            return "certified_accuracy", radius, accuracy
+        return None
+
+    @field_validator("min_certified_accuracy")
+    @classmethod
+    def _radius_accuracy(cls, value):
+        if value is None:
+            return value
+        try:
+            radius, accuracy = (float(v) for v in str(value).split(":"))
+        except ValueError:
+            radius = accuracy = float("nan")
+        if not (radius >= 0 and 0 <= accuracy <= 1):
+            raise ValueError(f"min_certified_accuracy {value!r} is not R:A with a radius R >= 0 and an accuracy A in "
+                             "[0, 1], e.g. 0.25:0.6")
+        return value
 
     @field_validator("bit_candidates", mode="before")
     @classmethod
@@ -122,6 +167,20 @@ class QuantizeConfig(Schema):
                     raise ValueError(f"latency_table '{self.latency_table}' does not exist")
         elif limits or self.sweep:
             raise ValueError(f"{', '.join(limits) or 'sweep'} need(s) bit_candidates")
+        constrained = [k for k in ("max_acr_loss", "min_certified_accuracy") if getattr(self, k) is not None]
+        if len(constrained) > 1:
+            raise ValueError("give one of max_acr_loss and min_certified_accuracy, not both")
+        if (self.sensitivity == "noisy" or constrained) and self.sigma is None:
+            raise ValueError(f"{constrained[0] if constrained else 'sensitivity noisy'} needs the certification noise "
+                             "level: set sigma (e.g. --sigma 0.25, the noise the model was trained with)")
+        if self.sensitivity == "noisy" and self.bit_candidates is None:
+            raise ValueError("sensitivity noisy chooses per-layer precisions: it needs bit_candidates (e.g. 2,3,4,8)")
+        if constrained and (self.bit_candidates is None or self.max_loss is not None):
+            raise ValueError(f"{constrained[0]} re-solves the bit allocation under a budget: give bit_candidates and "
+                             "one of budget, avg_bits or max_latency_ms (not max_loss)")
+        if constrained and self.selection_n0 > self.selection_n:
+            raise ValueError(f"selection_n0 {self.selection_n0} is more than selection_n {self.selection_n}: the "
+                             "candidate-choosing samples should be a small part — lower selection_n0")
         if self.cost != "latency" and self.avg_bits is None and any(not 0 < b <= 1 for b in self.sweep):
             raise ValueError("sweep budgets are fractions of the FP32 cost in (0, 1]")
         return self

@@ -76,12 +76,15 @@ def _layer_at(fp_layer: nn.Module, base: QuantLayer, bits: int, weight_range: st
 def measure_deltas(fp: nn.Module, q_base: nn.Module, names: list[str], candidates: list[int],
                    batches: Callable[[], Iterable[Batch]], weight_range: str = "mse",
                    settings: Optional[AdaQuantSettings] = None, cache_budget_bytes: int = 1 << 30,
-                   seed: int = 0) -> tuple[dict, dict]:
+                   seed: int = 0, measure_batches: Optional[Callable[[], Iterable[Batch]]] = None
+                   ) -> tuple[dict, dict]:
     """Delta-loss table {layer: {bits: dloss}} and the calibrated layer for every (layer, bits).
     The base model has every layer at the highest integer candidate (the FP16 candidate is measured
-    against it like the others)."""
+    against it like the others). Layers are calibrated on ``batches``; the loss is measured on
+    ``measure_batches`` (default: the same; the noisy sensitivity passes noised calibration images)."""
     top = max(b for b in candidates if b != FP16)
-    base_loss = calibration_kl(fp, q_base, batches)
+    measure_batches = measure_batches or batches
+    base_loss = calibration_kl(fp, q_base, measure_batches)
     relus = relu_followers(fp)
     g = torch.Generator().manual_seed(seed)
     stats = CacheStats()
@@ -102,7 +105,7 @@ def measure_deltas(fp: nn.Module, q_base: nn.Module, names: list[str], candidate
                     x, y = fit_budget(x, F.relu(y) if name in relus else y, cache_budget_bytes, name, stats, g)
                 adaquant_layer(cand, x, y, relu=name in relus, settings=settings, generator=g)
             replace_module(q_base, name, cand)
-            dloss[name][bits] = calibration_kl(fp, q_base, batches) - base_loss
+            dloss[name][bits] = calibration_kl(fp, q_base, measure_batches) - base_loss
             replace_module(q_base, name, base)
             layers[name, bits] = cand
     return dloss, layers

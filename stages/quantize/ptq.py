@@ -34,6 +34,7 @@ from .mixed_precision import (assemble, cost_table, layer_macs, measure_deltas, 
                               read_latency_table)
 from .modules import QuantLayer, conv_bn_pairs, fold_batchnorm, quantizable_layers, select_layers, wrap_layers
 from .quantizer import FP16
+from .robust_allocation import Constraint, NoFeasibleChoice, Robustness, certify_subset, search
 from .tensor_ops import insert_tensor_quantizers, set_enabled
 from .tuning import bn_affine, guarded_reestimate_bn, tune_biases
 
@@ -57,6 +58,7 @@ class QuantizeReport:
     bit_allocation: list[dict] = field(default_factory=list)
     pareto: list[dict] = field(default_factory=list)
     bn_reestimation: list[dict] = field(default_factory=list)
+    robust_rounds: list[dict] = field(default_factory=list)
     budget_unit: str = ""
 
 
@@ -106,12 +108,14 @@ class Budget:
 
 
 def calibration_batches(calib: Any, cfg: QuantizeConfig, seed: int, device: torch.device,
-                        batch_size: Optional[int] = None) -> Callable[[], Iterable[B.Batch]]:
-    """The calibration batches on ``device``, the same every pass; with ``calib_noise_sigma`` each image
-    gets Gaussian noise from ``noise_generator(seed, "calibrate", its index)`` (a base classifier for
-    randomized smoothing is calibrated on the noisy images it will see)."""
+                        batch_size: Optional[int] = None, sigma: Optional[float] = None,
+                        stream: str = "calibrate") -> Callable[[], Iterable[B.Batch]]:
+    """The calibration batches on ``device``, the same every pass; with ``calib_noise_sigma`` (or
+    ``sigma``) each image gets Gaussian noise from ``noise_generator(seed, stream, its index)`` (a base
+    classifier for randomized smoothing is calibrated on the noisy images it will see; the noisy
+    sensitivity uses its own stream at the certification sigma)."""
     source = B.as_batches(calib, batch_size or cfg.calib_batch_size)
-    sigma = cfg.calib_noise_sigma
+    sigma = cfg.calib_noise_sigma if sigma is None else sigma
 
     def batches() -> Iterable[B.Batch]:
         seen = 0
@@ -119,9 +123,10 @@ def calibration_batches(calib: Any, cfg: QuantizeConfig, seed: int, device: torc
             if sigma > 0:
                 args, _ = B.model_inputs(batch)
                 if not args or not torch.is_floating_point(args[0]):
-                    raise ValueError("calib_noise_sigma adds Gaussian noise to image tensors; these batches hold "
-                                     "no float tensor input — fix: set calib_noise_sigma 0 for this model")
-                x = noisy_images(args[0], sigma, seed, "calibrate", range(seen, seen + len(args[0])))
+                    raise ValueError("noisy calibration (calib_noise_sigma, sensitivity noisy) adds Gaussian noise to "
+                                     "image tensors; these batches hold no float tensor input — fix: calibrate this "
+                                     "model on clean inputs (calib_noise_sigma 0, sensitivity clean)")
+                x = noisy_images(args[0], sigma, seed, stream, range(seen, seen + len(args[0])))
                 batch = x if isinstance(batch, torch.Tensor) else (x, *batch[1:])
             seen += B.batch_size(batch)
             yield B.to_device(batch, device)
@@ -156,12 +161,15 @@ def _unsigned_inputs(fp: nn.Module, chosen: list[str], batch: B.Batch) -> dict[s
 def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = None, *, seed: int = 0,
              device: Optional[torch.device | str] = None, sparse_layers: Optional[dict[str, str]] = None,
              evaluate: Optional[Measure] = None, show_progress: bool = False,
+             selection: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
              log: Callable[[str], None] = lambda _msg: None) -> tuple[nn.Module, QuantizeReport]:
     """Quantize a copy of ``model`` on the calibration data ``calib``; returns it and a report.
 
     ``sparse_layers``: {layer: "N:M"} of an N:M-sparse model (deploypipe.sparsify's report.layers):
     those layers keep their zeros. ``evaluate(model)``: figures to report at each step (never used to
-    choose anything). ``log``: where progress lines go.
+    choose anything). ``selection``: (images in [0, 1], labels) held out from the calibration data
+    and the test set, certified to check ``max_acr_loss`` / ``min_certified_accuracy``
+    (robust_allocation.py). ``log``: where progress lines go.
 
     >>> import torch
     >>> from deploypipe import quantize, QuantizeConfig
@@ -241,8 +249,10 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
         measured("adaquant_", q)
     if cfg.bit_candidates:
         free = [n for n in chosen if n not in {names[0], names[-1]} or not cfg.first_last_bits]
-        q = _mixed_precision(cfg, fp, q, free, plan, batches, example, seed, report, timed if evaluate else None,
-                             log)
+        sensing = batches if cfg.sensitivity == "clean" else calibration_batches(calib, cfg, seed, device,
+                                                                                  sigma=cfg.sigma, stream="sensitivity")
+        q = _mixed_precision(cfg, fp, q, free, plan, batches, sensing, example, seed, report,
+                             timed if evaluate else None, selection, log)
         measured("mixed_", q)
     if cfg.bn_tuning:
         report.bn_reestimation, bn = guarded_reestimate_bn(q, fp, affine, batches, cfg.bn_target, cfg.bn_guard)
@@ -283,10 +293,11 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
 
 
 def _mixed_precision(cfg: QuantizeConfig, fp: nn.Module, q: nn.Module, names: list[str], plan: dict, batches,
-                     example: B.Batch, seed: int, report: QuantizeReport, evaluate: Optional[Measure],
-                     log: Callable[[str], None]) -> nn.Module:
-    """Measure delta-loss per (layer, precision), solve the integer program, assemble the chosen model
-    (and, with a sweep, solve every sweep budget on the same deltas)."""
+                     sensing, example: B.Batch, seed: int, report: QuantizeReport, evaluate: Optional[Measure],
+                     selection: Optional[tuple[torch.Tensor, torch.Tensor]], log: Callable[[str], None]) -> nn.Module:
+    """Measure delta-loss per (layer, precision) on the ``sensing`` batches (clean or noisy), solve the
+    integer program, assemble the chosen model (re-solved under a certified constraint; with a sweep,
+    every sweep budget solved on the same deltas)."""
     settings = cfg.adaquant_settings() if cfg.method == "adaquant" else None
     candidates = sorted(set(cfg.bit_candidates))
     params = {n: fp.get_submodule(n).weight.numel() for n in names}
@@ -309,9 +320,19 @@ def _mixed_precision(cfg: QuantizeConfig, fp: nn.Module, q: nn.Module, names: li
         raise ValueError(f"{budget.key} {limit} {budget.unit} is infeasible: the smallest feasible {budget.key} with "
                          f"bit_candidates {[precision_label(b) for b in candidates]} is {smallest} — fix: raise "
                          f"--{budget.key.replace('_', '-')} to at least {smallest} or add lower bit candidates")
+    constraint = cfg.certified_constraint()
+    if constraint is not None and selection is None:
+        raise ValueError(f"{'max_acr_loss' if constraint[0] == 'acr' else 'min_certified_accuracy'} certifies the "
+                         "candidates on held-out images — fix: pass selection=(images, labels) from the training data "
+                         "(not the calibration set, never the test set)")
     dloss, layers = measure_deltas(fp, q, names, candidates, batches, cfg.weight_range, settings,
-                                   int(cfg.cache_budget_mb * 2**20), seed)
-    if cfg.max_loss is None:
+                                   int(cfg.cache_budget_mb * 2**20), seed, measure_batches=sensing)
+    if cfg.sensitivity == "noisy":
+        log(f"layer sensitivities measured on calibration images with Gaussian noise sigma {cfg.sigma}")
+    if constraint is not None:
+        alloc = _certified_allocation(cfg, fp, q, dloss, layers, budget, limit, constraint, selection, seed, report,
+                                      log)
+    elif cfg.max_loss is None:
         alloc = allocate_bits(dloss, cost, budget=budget.to_program(limit))
     else:
         alloc = allocate_bits(dloss, cost, max_loss=cfg.max_loss)
@@ -332,6 +353,66 @@ def _mixed_precision(cfg: QuantizeConfig, fp: nn.Module, q: nn.Module, names: li
     log(f"mixed precision ({alloc.status}, {alloc.solve_seconds:.2f} s): {budget.key} {budget.of(alloc.cost):.4g} "
         f"{budget.unit} (asked: {limit}); bits " + " ".join(precision_label(b) for b in alloc.choice.values()))
     return q
+
+
+def _certified_allocation(cfg: QuantizeConfig, fp: nn.Module, q: nn.Module, dloss: dict, layers: dict,
+                          budget: Budget, limit: float, constraint: tuple, selection: tuple, seed: int,
+                          report: QuantizeReport, log: Callable[[str], None]) -> Allocation:
+    """The bounded re-solve loop of robust_allocation.py: the smallest program solution (from the
+    user's budget up) whose certified robustness on the selection subset meets the constraint."""
+    device = next(q.parameters()).device
+    images, labels = selection
+    images = images.to(device)
+    with torch.no_grad():
+        num_classes = fp(images[:1]).shape[1]
+
+    def certify(model: nn.Module) -> Robustness:
+        return certify_subset(model, images, labels, num_classes, cfg.sigma, cfg.selection_n0, cfg.selection_n,
+                              cfg.selection_alpha, seed)
+
+    kind, a, b = constraint
+    reference = Constraint(kind, a, b, certify(fp))
+    log(f"certified constraint on {len(labels)} selection images (n = {cfg.selection_n}): {reference.describe()}")
+    solved: dict[tuple, Allocation] = {}
+
+    def solve(value: float) -> tuple[dict, float]:
+        alloc = allocate_bits(dloss, budget.cost, budget=budget.to_program(value))
+        solved[tuple(sorted(alloc.choice.items()))] = alloc
+        return alloc.choice, budget.of(alloc.cost)
+
+    largest = budget.of(sum(max(c.values()) for c in budget.cost.values()))
+    extra = (reference.radius,) if reference.radius is not None else ()
+    fp_size = size_bits(fp)
+    try:
+        chosen, rounds = search(solve, lambda choice: certify(assemble(q, solved[tuple(sorted(choice.items()))],
+                                                                       layers)),
+                                reference, limit, max(largest, limit), cfg.max_rounds, log)
+    except NoFeasibleChoice as err:
+        deficit = err.args[0]
+        if kind == "acr":
+            best = f"its ACR loss is {a + deficit:.4f} — fix: allow --max-acr-loss {a + deficit:.4f} or more"
+        else:
+            best = f"its certified accuracy at r = {a:g} is {b - deficit:.3f} — fix: ask for at most {b - deficit:.3f}"
+        raise ValueError(f"{reference.describe()} cannot be met on the selection subset: even at the largest "
+                         f"{budget.key} ({largest:.4g} {budget.unit}) {best}, or add a higher-precision candidate "
+                         "(fp16)") from None
+    fp_figures = reference.reference.figures(extra)
+    report.robust_rounds = [
+        {"round": i + 1, budget.key: r.value, "achieved": r.achieved,
+         "size_fraction_of_fp32": size_bits(assemble(q, solved[tuple(sorted(r.choice.items()))], layers)) / fp_size,
+         **r.robustness.figures(extra), "acr_loss": fp_figures["acr"] - r.robustness.acr(),
+         "holds": r.holds, "chosen": r is chosen, "bits": " ".join(precision_label(v) for v in r.choice.values())}
+        for i, r in enumerate(rounds)]
+    report.metrics.update({"robust_rounds": float(len(rounds)), **{f"selection_fp_{k}": v for k, v in
+                                                                    fp_figures.items()}})
+    if chosen is None:
+        raise ValueError(f"{reference.describe()} is violated at {budget.key} {limit} and max_rounds "
+                         f"{cfg.max_rounds} allows no re-solve — fix: raise --max-rounds (e.g. 4) or the budget")
+    report.metrics.update({f"selection_{k}": v for k, v in chosen.robustness.figures(extra).items()})
+    report.metrics["selection_acr_loss"] = fp_figures["acr"] - chosen.robustness.acr()
+    log(f"certified constraint holds after {len(rounds)} certified model(s): {budget.key} {chosen.achieved:.4g} "
+        f"{budget.unit}, selection ACR {chosen.robustness.acr():.4f} (FP {fp_figures['acr']:.4f})")
+    return solved[tuple(sorted(chosen.choice.items()))]
 
 
 def _sweep(cfg: QuantizeConfig, fp: nn.Module, q: nn.Module, dloss: dict, budget: Budget, layers: dict,

@@ -38,7 +38,8 @@ def _mse_plot(rows: list[dict]) -> Figure:
     ax.semilogy(xs, [r["mse_adaquant"] for r in rows], "o-", label="AdaQuant")
     ax.set_xticks(list(xs))
     ax.set_xticklabels([r["layer"] for r in rows], rotation=90, fontsize=7)
-    ax.set(ylabel="output MSE vs FP", title="per-layer quantization error")
+    ax.set(xlabel="layer (input side first)", ylabel="output MSE vs FP (calibration set)",
+           title="per-layer quantization error")
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
@@ -56,6 +57,23 @@ def _pareto_plot(rows: list[dict], fp_top1: float, chosen: float, key: str, unit
     return fig
 
 
+def _rounds_plot(rows: list[dict], unit: str) -> Figure:
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for holds, marker, label in ((True, "o", "constraint holds"), (False, "x", "constraint violated")):
+        pts = [r for r in rows if r["holds"] == holds]
+        ax.scatter([r["achieved"] for r in pts], [r["acr"] for r in pts], marker=marker, label=label, zorder=3)
+    for r in rows:
+        ax.annotate(f"round {r['round']}" + (" (chosen)" if r["chosen"] else ""), (r["achieved"], r["acr"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(rows[0]["acr"] + rows[0]["acr_loss"], color="gray", linestyle="--", label="FP32 ACR")
+    ax.set(xlabel=f"achieved budget ({unit})", ylabel="ACR on the selection subset",
+           title="certified-constraint rounds (selection subset of the training data)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
 @register("quantize")
 def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
     def measure(model: torch.nn.Module) -> dict[str, float]:
@@ -65,9 +83,16 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
     sparse = {n: p for t in ctx.record.transforms if t.get("kind") == "sparsify"
               for n, p in t["params"]["layers"].items()}
     calib = ((x, y) for x, y in ctx.data.calib.batches(cfg.calib_batch_size))
+    selection = None
+    if cfg.certified_constraint() is not None:  # held out from calibration, never the test split
+        held = ctx.data.held_out(cfg.selection_images, ctx.seed)
+        if len(held) < 10:
+            raise ValueError(f"only {len(held)} training images lie outside the calibration set: too few to certify "
+                             "the bit allocation on — fix: lower the data's calib_size or use more training data")
+        selection = (held.as_float(held.images), held.labels)
     q, report = quantize(ctx.model, list(calib), cfg, seed=ctx.seed, device=ctx.device, sparse_layers=sparse,
-                         evaluate=measure, show_progress=ctx.show_progress, log=lambda msg: log(f"[{ctx.stage_id}] "
-                                                                                                f"{msg}"))
+                         evaluate=measure, show_progress=ctx.show_progress, selection=selection,
+                         log=lambda msg: log(f"[{ctx.stage_id}] {msg}"))
     metrics = dict(report.metrics)
     metrics["test_top1"] = metrics.pop("top1")
     bits = max(b for b in cfg.bit_candidates if b != FP16) if cfg.bit_candidates else cfg.weight_bits
@@ -85,6 +110,12 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
         key = next(k for k in ("budget", "avg_bits", "max_latency_ms") if k in rows[0])
         ctx.save_figure(_pareto_plot(rows, metrics["fp_top1"], metrics[f"ip_{key}"], key, report.budget_unit, cfg.cost),
                         "pareto")
+    if report.robust_rounds:
+        ctx.save_table("robust_rounds", report.robust_rounds)
+        for row in report.robust_rounds:  # one MLflow step per certified model
+            ctx.log_metrics({k: float(v) for k, v in row.items() if k not in ("round", "bits", "chosen", "holds")}
+                            | {"round_holds": float(row["holds"])}, step=row["round"])
+        ctx.save_figure(_rounds_plot(report.robust_rounds, report.budget_unit), "robust_rounds")
     if report.bn_reestimation:
         ctx.save_table("bn_reestimation", report.bn_reestimation)
     if cfg.export_onnx:

@@ -65,7 +65,7 @@ def select_sparse_layers(model: nn.Module, ms: Iterable[int], include: Iterable[
         if not any(fnmatch.fnmatchcase(name, p) for p in include) or any(fnmatch.fnmatchcase(name, p) for p in exclude):
             skipped.append({"layer": name, "reason": "not selected by include/exclude"})
         elif name in edge:
-            skipped.append({"layer": name, "reason": "first or last layer (kept dense)"})
+            skipped.append({"layer": name, "reason": "first or last layer"})
         elif any(group_size_along_reduction(layer) % m for m in ms):
             what = "in_features" if isinstance(layer, nn.Linear) else "in_channels"
             skipped.append({"layer": name, "reason": f"{what}={group_size_along_reduction(layer)} is not a multiple of "

@@ -29,7 +29,7 @@ def _plots(history: list[dict], steps: list[dict], table: list[dict], skipped: l
     a, b, c = fig.subplots(1, 3)
     a.plot([s["step"] for s in steps], [s["alpha"] for s in steps], label="α (pruned-weight multiplier)")
     a.plot([s["step"] for s in steps], [s["density"] for s in steps], label="pattern density N/M")
-    a.set(xlabel="optimizer step", title="sparsity schedule", ylim=(-0.05, 1.05))
+    a.set(xlabel="optimizer step", ylabel="value", title="sparsity schedule", ylim=(-0.05, 1.05))
     ep = [h["epoch"] for h in history]
     b.plot(ep, [100 * h["train_top1"] for h in history], ".-", label="train (augmented)")
     tested = [h for h in history if "test_top1" in h]
@@ -38,11 +38,18 @@ def _plots(history: list[dict], steps: list[dict], table: list[dict], skipped: l
         b.axhline(100 * top1, color="gray", linestyle=style, label=f"{label} (test)")
     b.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
     names = [r["layer"] for r in table + skipped]
-    values = [100 * r["sparsity"] for r in table] + [0.0] * len(skipped)
-    c.barh(range(len(names)), values, color=["tab:blue"] * len(table) + ["tab:gray"] * len(skipped))
+    c.barh(range(len(table)), [100 * r["sparsity"] for r in table], color="tab:blue", label="N:M sparse")
+    kept = range(len(table), len(names))  # a dense layer has no zeros: a light full-width band says so
+    c.barh(kept, [100] * len(skipped), color="lightgray", label="kept dense (0% zeros)")
+    for i, r in zip(kept, skipped):
+        c.text(2, i, f"dense: {r['reason']}", va="center", fontsize=6)
     c.set_yticks(range(len(names)), names, fontsize=6)
     c.invert_yaxis()
-    c.set(xlabel="zeros (%)", title="per-layer sparsity (gray: kept dense)", xlim=(0, 100))
+    c.set(xlabel="zeros (%)", ylabel="layer", title="per-layer sparsity", xlim=(0, 100))
+    c.legend(fontsize=7, loc="lower right")
+    from matplotlib.ticker import MaxNLocator
+
+    b.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -53,7 +53,7 @@ from deploypipe.data import diagonal_merge as merge  # noqa: F401  (re-exported:
 from deploypipe.data import diagonal_split as split
 from deploypipe.noise import gaussian, noise_generator
 
-from .bounds import binom_test_two_sided_half, clopper_pearson_lower
+from deploypipe.bounds import binom_test_two_sided_half, clopper_pearson_lower
 
 ABSTAIN = -1
 Classifier = Callable[[torch.Tensor], torch.Tensor]  # batch of images in [0, 1] -> logits
