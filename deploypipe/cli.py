@@ -18,7 +18,7 @@ import click
 import yaml
 
 from .config import PipelineConfig, load_pipeline, validate
-from .errors import InputError, StageFailed
+from .errors import InputError, StageFailed, TrackingUnavailable
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 UI_VIEW = "?workflowType=machine_learning"  # MLflow 3's UI opens its GenAI view otherwise
@@ -571,6 +571,9 @@ def _main(argv: Optional[list[str]]) -> None:
         sys.exit(err.exit_code if err.exit_code != 1 else 2)
     except StageFailed as err:
         click.echo(f"error: {err} (earlier stages' outputs are kept; the MLflow run is marked FAILED)", err=True)
+        sys.exit(1)
+    except TrackingUnavailable as err:
+        click.echo(f"error: {err}", err=True)
         sys.exit(1)
     except (click.exceptions.Abort, KeyboardInterrupt) as err:  # click turns Ctrl-C (and SIGTERM) into Abort
         if isinstance(err, Terminated) or isinstance(err.__context__, Terminated):

@@ -11,6 +11,10 @@ exception of a stage is a failure.
 
 ``StageFailed``: a stage raised while running. Its MLflow run is marked FAILED, earlier stages'
 artifacts stay, and the CLI exits 1.
+
+``TrackingUnavailable``: the tracking server stopped answering mid-run. Outputs on disk are kept
+(finished stages, training checkpoints), no further MLflow call is attempted, the CLI prints one
+line and exits 1; a rerun uploads what is missing and marks the abandoned runs KILLED.
 """
 
 
@@ -46,3 +50,7 @@ class StageFailed(Exception):
 
     def __str__(self) -> str:
         return f"stage '{self.stage_id}' failed: {type(self.error).__name__}: {self.error}"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stopped answering during a run (see the module docstring)."""

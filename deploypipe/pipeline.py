@@ -39,7 +39,7 @@ import yaml
 
 from .config import PipelineConfig
 from .data import Splits, load_data
-from .errors import InputError, StageFailed
+from .errors import InputError, StageFailed, TrackingUnavailable
 from .models import (ModelRecord, check_fits_data, content_hash, factory_source, is_model_dir, load_model,
                      model_from_spec, read_record, save_model, trust_factories)
 from .distributed import barrier, destroy_process_group, init_process_group, launched_ranks
@@ -326,8 +326,8 @@ class Pipeline:
                 tracker = Tracker(self.uri, self.cfg.tracking.experiment, self.workdir / "mlartifacts")
             stale = tracker.end_stale_runs(str(self.out_dir.resolve()))  # we hold the folder's lock: theirs died
             if stale:
-                log(f"marked {stale} MLflow runs of {self.out_dir} KILLED: a run of this folder was killed outright "
-                    "before it could end them")
+                log(f"marked {stale} MLflow runs of {self.out_dir} KILLED: an earlier run of this folder could not end "
+                    "them (it was killed outright, or its tracking server went away)")
             ranks = {"deploypipe.rank": f"{self.rank}/{self.world_size}"} if self.mode == "shards" else {}
             if self.mode == "ddp":
                 ranks = {"deploypipe.ddp_ranks": str(self.world_size)}
@@ -466,6 +466,10 @@ class Pipeline:
             _write_result(tmp, out)
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, TrackingUnavailable) or tracker.offline:  # nothing more to tell the server
+                raise TrackingUnavailable(f"{tracker.offline or err}: finished stages are kept in {self.out_dir} "
+                                          f"and '{entry.id}' restarts from its last checkpoint; rerun to upload"
+                                          ) from None
             st.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
                    error="".join(traceback.format_exception_only(type(err), err)).strip())
             if InputError.is_for_user(err):  # a method's message about its input: one line, exit 2
@@ -486,6 +490,8 @@ class Pipeline:
                 st.set_tags({"deploypipe.registered_model": f"{reg['name']}/{out['registered_version']}"})
             st.end("FINISHED")
         except Exception as err:
+            if isinstance(err, TrackingUnavailable):
+                raise TrackingUnavailable(f"{err}: outputs kept in {final}; rerun to upload") from None
             try:
                 st.end("FAILED", error=f"logging to MLflow failed after the stage finished: {err}")
             except Exception:
@@ -503,7 +509,7 @@ class Pipeline:
 class _SilentTracker:
     """The pipeline-level tracker of a DDP rank > 0: rank 0 alone logs."""
 
-    experiment_id, run_id, seconds, setup_seconds, calls = "", None, 0.0, 0.0, 0
+    experiment_id, run_id, seconds, setup_seconds, calls, offline = "", None, 0.0, 0.0, 0, None
 
     def stage(self, *args: Any, **kwargs: Any) -> NullTracker:
         return NullTracker()

@@ -21,13 +21,28 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-from .errors import InputError
+from .errors import InputError, TrackingUnavailable  # noqa: F401 (TrackingUnavailable: re-exported)
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 FLUSH_SECONDS = 15.0  # buffered metrics go out at least this often, so curves update while a stage runs
+# MLflow's HTTP client retries 7 times with a growing back-off (minutes against a dead server): a pipeline
+# keeps a short leash unless the user set these
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether ``err`` says the server cannot be reached (as opposed to a refused request)."""
+    import requests
+
+    if isinstance(err, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return True
+    text = str(err)
+    return any(s in text for s in ("Max retries exceeded", "Connection refused", "Failed to establish a new connection",
+                                   "Read timed out", "RemoteDisconnected", "Connection aborted"))
 
 
 def default_uri(workdir: Path) -> str:
@@ -139,6 +154,10 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: Optional[Path] = None):
         for name in ("alembic", "mlflow.store", "mlflow.tracking", "mlflow.utils"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # one line from us, not retry chatter
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        self.offline: Optional[str] = None  # why the server stopped answering, once it has
         self.seconds = 0.0  # inside MLflow calls (runs, params, metrics, artifacts)
         self.calls = 0
         t0 = time.perf_counter()
@@ -159,9 +178,16 @@ class Tracker:
         self.run_id: Optional[str] = None
 
     def call(self, fn: str, *args: Any, **kwargs: Any) -> Any:
+        if self.offline:
+            raise TrackingUnavailable(self.offline)
         t0 = time.perf_counter()
         try:
             return getattr(self.client, fn)(*args, **kwargs)
+        except Exception as err:
+            if _unreachable(err):
+                self.offline = f"tracking server {self.uri} unreachable ({type(err).__name__})"
+                raise TrackingUnavailable(self.offline) from None
+            raise
         finally:
             self.seconds += time.perf_counter() - t0
             self.calls += 1
@@ -217,7 +243,7 @@ class Tracker:
         return count
 
     def end_pipeline(self, status: str) -> None:
-        if self.run_id:
+        if self.run_id and not self.offline:
             self.call("set_terminated", self.run_id, status)
 
 

@@ -5,9 +5,11 @@ images and empty class folders are named in one line."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -92,3 +94,63 @@ def test_the_cli_leaves_the_callers_sigterm_handler_in_place(signum):
     before = signal.getsignal(signum)
     run_main("stages", "--json")
     assert signal.getsignal(signum) is before
+
+
+def _server(root: Path, port: int) -> subprocess.Popen:
+    log = open(root / "server.log", "a")
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+
+
+def test_a_tracking_server_that_dies_mid_run_costs_one_line_and_the_rerun_picks_up(tmp_path, migrated_db):
+    """The server is killed while a training stage runs: the CLI stops at the next MLflow call with one
+    line (no traceback, no minutes of retries), the epoch checkpoints stay, and the rerun against the
+    restarted server resumes from them and marks the abandoned runs KILLED."""
+    from conftest import free_port, wait_for_health
+
+    root = tmp_path / "server"
+    root.mkdir()
+    shutil.copy(migrated_db, root / "mlflow.db")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _server(root, port)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    args = [sys.executable, "-m", "deploypipe.cli", "train", "--model", "zoo:digits_cnn", "--epochs", "300",
+            "--batch-size", "32", "--out", "t", "--tracking-uri", uri]
+    try:
+        wait_for_health(uri, server)
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for_epoch(tmp_path, proc)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(30)
+        killed_at = time.time()
+        _, err = proc.communicate(timeout=600)  # a hang guard
+        lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[train]")]
+        assert proc.returncode == 1, err[-3000:]
+        assert "Traceback" not in err and len(lines) == 1, err[-3000:]
+        assert lines[0].startswith(f"error: tracking server {uri} unreachable") and "rerun to upload" in lines[0]
+        print(f"exit {time.time() - killed_at:.1f} s after the server died")
+        assert (tmp_path / "t" / ".work" / "train" / "checkpoint.pt").is_file()  # the finished epochs are kept
+        assert not (tmp_path / "t" / "train").exists()  # no half-written stage folder
+        server = _server(root, port)
+        wait_for_health(uri, server)
+        again = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True)
+        seen: list[str] = []
+        reader = threading.Thread(target=lambda: seen.extend(again.stderr), daemon=True)
+        reader.start()
+        deadline = time.time() + 300  # a hang guard
+        while not any("resuming from the checkpoint of epoch" in line for line in seen):
+            assert again.poll() is None and time.time() < deadline, "".join(seen)[-3000:]
+            time.sleep(0.2)
+        again.send_signal(signal.SIGTERM)
+        again.wait(120)
+        reader.join(30)
+        assert any("marked 2 MLflow runs" in line for line in seen), "".join(seen)[-3000:]
+        runs = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])
+        assert sorted(r.info.status for r in runs) == ["KILLED"] * 4  # the abandoned pair and the SIGTERMed one
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
