@@ -12,6 +12,7 @@ no server needed. ``--tracking-uri`` or MLFLOW_TRACKING_URI select another store
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -148,6 +149,33 @@ def version_tags() -> dict[str, str]:
     return tags
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """An exclusive lock file beside a sqlite store (``<db>.lock``) while it is created or migrated and
+    the experiment looked up: MLflow's migrations are not safe when several processes open a new store
+    at once ("duplicate column name"). Other stores: no lock (the server serialises)."""
+    path = uri.split(":///", 1)[1] if uri.startswith("sqlite:///") else ""
+    if not path or path == ":memory:":
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    try:
+        fh = open(f"{path}.lock", "a")
+    except OSError:  # a read-only folder: the store's own error will say more
+        yield
+        return
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class Tracker:
     """A pipeline's MLflow parent run and the client every call goes through."""
 
@@ -164,16 +192,23 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = artifact_root.resolve().as_uri() if (artifact_root and uri.startswith("sqlite")) else None
-            self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
-        else:
-            self.experiment_id = exp.experiment_id
-            if EXPERIMENT_KIND_TAG not in exp.tags:  # open the UI's model-training view, not the GenAI one
-                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+        with _store_lock(uri):  # one process at a time creates a new sqlite store's tables and the experiment
+            self.client = MlflowClient(tracking_uri=uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                location = artifact_root.resolve().as_uri() if (artifact_root and uri.startswith("sqlite")) else None
+                try:
+                    self.experiment_id = self.client.create_experiment(
+                        experiment, artifact_location=location,
+                        tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+                except Exception as err:  # another process (or a server's other client) made it first
+                    if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+                        raise
+                    exp = self.client.get_experiment_by_name(experiment)
+            if exp is not None:
+                self.experiment_id = exp.experiment_id
+                if EXPERIMENT_KIND_TAG not in exp.tags:  # open the UI's model-training view, not the GenAI one
+                    self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         self.setup_seconds = time.perf_counter() - t0  # import, store connection/migrations, experiment
         self.run_id: Optional[str] = None
 

@@ -154,3 +154,23 @@ def test_a_tracking_server_that_dies_mid_run_costs_one_line_and_the_rerun_picks_
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_four_processes_create_one_new_sqlite_store_together(tmp_path):
+    """Four runs from four work folders into one new sqlite store and a new experiment: MLflow's table
+    creation and the experiment creation are serialised by a lock beside the store; all four finish."""
+    store = tmp_path / "shared"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    procs = [subprocess.Popen([sys.executable, "-m", "deploypipe.cli", "evaluate", "--model", "zoo:digits_cnn",
+                               "--workdir", f"w{i}", "--tracking-uri", uri, "--experiment", "together",
+                               "--limit-test", "64"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)  # a hang guard
+        assert p.returncode == 0, err[-3000:]
+    client = MlflowClient(uri)
+    (exp,) = [e for e in client.search_experiments() if e.name == "together"]
+    assert len(client.search_runs([exp.experiment_id])) == 8  # four pipeline runs, four stage runs
