@@ -75,6 +75,7 @@ def main() -> None:
                      f"{r.engine_info['build_seconds']:.1f}" if r.engine_info else "–",
                      f"{r.engine_info['plan_bytes'] / 1024:.0f}" if r.engine_info else "–",
                      "clean" if not r.findings else f"{len(r.findings)} findings"])
+    rows.append(_ort_peer(out, data, calib, variants["FP32"][0], args, fp32_b64))
     columns = ["model", "ONNX KiB", "PyTorch eager b1 ms", "ONNX Runtime b1 ms", "PyTorch eager b64 ms",
                "ONNX Runtime b64 ms", "ORT b64 throughput / eager FP32", "ORT top-1 agreement %",
                "TensorRT-RTX build s", "engine KiB", "TensorRT lint"]
@@ -83,9 +84,61 @@ def main() -> None:
     print("Quantized rows: round-to-nearest with MSE ranges, first and last layer 8-bit; W4A8's 4-bit weights ship "
           "on the INT8 grid with the same scales (exact), so they run as INT8. TensorRT-RTX engines are built on this "
           "CPU for RTX GPUs and not run here (no GPU); bench/gpu/export.py times engines on a GPU.")
+    print("Peer row: ONNX Runtime's own `quantize_static` on the FP32 file (QDQ format, per-channel int8 weights, "
+          "asymmetric uint8 activations calibrated on the same 1,024 images, a Q after every op): the layout ONNX "
+          "Runtime's x86 kernels fuse into QLinearConv/QLinearAdd. TensorRT refuses it (non-zero zero points, "
+          "`deploypipe export --check` names the nodes). Our files put symmetric int8 Q/DQ on layer inputs as "
+          "TensorRT wants (Clip, ReLU and Add sit between a Conv and the next Q), so ONNX Runtime fuses few of them "
+          "and runs the rest in float with Q/DQ around it.")
     int8 = next(r for r in rows if r[0] == "W8A8")
     report.finish(headline=f"W8A8 model in ONNX Runtime: {int8[6]} PyTorch eager FP32 throughput at batch 64 on "
                            f"the CPU (target 2x), top-1 agreement {int8[7]}% (target 99.9%)")
+
+
+def _ort_peer(out: Path, data, calib, fp32_model, args, fp32_b64: float) -> list:
+    """ONNX Runtime's quantize_static on the FP32 file, timed and checked like the other rows."""
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    import deploypipe as dp
+
+    src = out / "FP32" / "model.onnx"
+    pre, dst = out / "ort_peer_pre.onnx", out / "ort_peer_qdq_u8.onnx"
+    quant_pre_process(str(src), str(pre))
+    name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    batches = iter([{name: x.numpy()} for x in calib])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return next(batches, None)
+
+    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    sess = ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
+    ms = {}
+    for b in (1, 64):
+        x = np.random.default_rng(0).random((b, *data.input_shape), dtype=np.float32)
+        for _ in range(3):
+            sess.run(None, {name: x})
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            sess.run(None, {name: x})
+            times.append(1000 * (time.perf_counter() - t0))
+        ms[b] = float(np.median(times))
+    agree = dp.onnx_parity(fp32_model, dst, data.test)["onnx_top1_agreement"]  # against the FP32 model
+    from deploypipe.stages.export.trt_lint import lint_onnx
+
+    findings = lint_onnx(str(dst))
+    return ["ORT quantize_static (peer, uint8 asymmetric)", f"{dst.stat().st_size / 1024:.0f}", "–", f"{ms[1]:.2f}",
+            "–", f"{ms[64]:.1f}", f"{fp32_b64 / ms[64]:.2f}x", f"{100 * agree:.2f} (vs FP32)", "–", "–",
+            f"{len(findings)} findings"]
 
 
 def _has_trt() -> bool:

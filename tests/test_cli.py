@@ -100,8 +100,9 @@ def test_demo_end_to_end_into_a_fresh_store(tmp_path):
     assert (tmp_path / "store" / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
     assert (tmp_path / "store" / "demo" / "train" / "model" / "model.json").is_file() and not (tmp_path / "runs").exists()
     # the FP32 size by hand: conv weights 1*16*9 + 16*32*9 + 32*64*9, fc 64*10 + 10; after BN folding
-    # each conv has a bias (16 + 32 + 64); buffers (Normalize) are not parameters
-    assert quantize["metrics"]["fp32_bytes"] == 4 * (16 * 9 + 16 * 32 * 9 + 32 * 64 * 9 + 650 + 112)
+    # each conv has a bias (16 + 32 + 64); the Normalize buffers (mean, std: one channel) count too
+    assert quantize["metrics"]["fp32_bytes"] == 4 * (16 * 9 + 16 * 32 * 9 + 32 * 64 * 9 + 650 + 112 + 2)
+    assert quantize["metrics"]["quantized_bytes"] == evaluate["metrics"]["size_bytes"]  # one size definition
     assert 0 < evaluate["metrics"]["latency_ms_median"] <= evaluate["metrics"]["latency_ms_p90"]
     # the model logged to MLflow reloads without pickle and gives the reported accuracy
     import mlflow.artifacts

@@ -175,7 +175,7 @@ def _noisy_trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 def test_certified_constraint_with_cbc_and_real_certificates():
     net, images, labels = _noisy_trained()
     calib, selection = images[:200], (images[200:260], labels[200:260])
-    common = dict(first_last_bits=None, method="rtn", residual_bits=None, bit_candidates=[2, 3, 8], budget=0.14,
+    common = dict(first_last_bits=None, method="rtn", residual_bits=None, bit_candidates=[2, 3, 8], budget=0.12,
                   sensitivity="noisy", sigma=0.25, export_onnx=False, selection_n=200, selection_n0=20)
     loose = QuantizeConfig(**common, max_acr_loss=0.01, max_rounds=4)
     q, report = quantize(net, calib, loose, seed=0, selection=selection)
