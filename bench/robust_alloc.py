@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--n0", type=int, default=100)
     ap.add_argument("--alpha", type=float, default=0.001)
+    ap.add_argument("--calib-size", type=int, default=1024, help="calibration images (all three choices share them)")
     ap.add_argument("--selection-images", type=int, default=200)
     ap.add_argument("--selection-n", type=int, default=1000)
     ap.add_argument("--out", default="runs/bench-robust-alloc",
@@ -62,7 +63,7 @@ def main() -> None:
     from deploypipe.stages.quantize.ptq import quantize
 
     torch.manual_seed(0)
-    data = load_data(DataSpec(source=args.data))
+    data = load_data(DataSpec(source=args.data, calib_size=args.calib_size))
     fp = load_model(args.model).eval()
     step = max(1, len(data.test) // args.images)
     test_idx = torch.arange(0, len(data.test), step)[:args.images]
@@ -147,7 +148,7 @@ def main() -> None:
                     f"{rep.metrics['selection_fp_acr']:.3f})"))
     print(markdown_table(columns, table, f"{type(fp).__name__} from {args.model}, sigma = {args.sigma}: {len(test)} "
                                          f"test images (every {step}-th), n = {args.n}, n0 = {args.n0}, "
-                                         f"alpha = {args.alpha}"))
+                                         f"alpha = {args.alpha}; {args.calib_size} calibration images"))
     for note in notes:
         print(note)
     print("ACR vs clean: the mean over the same test images (same noise) of the radius difference, 0 when not "

@@ -176,6 +176,7 @@ def cli() -> None:
       deploypipe run examples/demo.yaml --workdir runs  # a YAML pipeline
       deploypipe train --model zoo:resnet20 --data imagefolder:../shared/data/cifar10 --epochs 15
       deploypipe evaluate --model runs/train/train/model --data imagefolder:../shared/data/cifar10
+      deploypipe report runs/demo                       # every artifact of a pipeline side by side
       deploypipe stages                                 # every stage and its options
       deploypipe ui                                     # MLflow UI on http://127.0.0.1:5000
     """

@@ -1,8 +1,11 @@
-"""Progress bars for long loops (rich), silent when disabled or not on a terminal."""
+"""Progress for long loops: a bar (rich) on a terminal; in a log (stderr not a terminal: a batch job,
+``| tee``) a plain line at most every ``LINE_SECONDS`` with the count, elapsed time and ETA, so a long
+step is never silent; loops that finish sooner print nothing."""
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
@@ -15,6 +18,9 @@ def progress(items: Iterable[T], total: Optional[int] = None, description: str =
     images), and ``total`` is in those units."""
     if not enabled:
         yield from items
+        return
+    if not sys.stderr.isatty():
+        yield from _lines(items, total, description, weight)
         return
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
@@ -33,6 +39,24 @@ def progress(items: Iterable[T], total: Optional[int] = None, description: str =
         for item in items:
             yield item
             bar.advance(task, weight(item) if weight else 1)
+
+
+LINE_SECONDS = 30.0
+
+
+def _lines(items: Iterable[T], total: Optional[int], description: str,
+           weight: Optional[Callable[[T], int]]) -> Iterator[T]:
+    start = last = time.monotonic()
+    done = 0
+    for item in items:
+        yield item
+        done += weight(item) if weight else 1
+        now = time.monotonic()
+        if now - last >= LINE_SECONDS:
+            last = now
+            elapsed = now - start
+            eta = f", about {elapsed * (total - done) / done:.0f} s left" if total and done else ""
+            log(f"{description}: {done}/{total if total else '?'} after {elapsed:.0f} s{eta}")
 
 
 def log(message: str) -> None:

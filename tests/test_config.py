@@ -1,6 +1,7 @@
 """Pipeline YAML schema: shorthand forms, stage ids, and errors that name the key path."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,15 @@ def test_logged_yaml_round_trips(tmp_path):
     again = tmp_path / "again.yaml"
     again.write_text(cfg.to_yaml())
     assert load_pipeline(again) == cfg
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "cifar_ship.yaml", "robust_cifar.yaml"])
+def test_example_pipelines_validate(name):
+    """Every example a user copies parses, and each stage entry validates against its stage's config."""
+    from deploypipe.config import load_pipeline
+    from deploypipe.stage import load_stages
+
+    cfg = load_pipeline(Path(__file__).resolve().parents[1] / "examples" / name)
+    stages = load_stages()
+    for entry in cfg.stages:
+        stages[entry.stage].config.model_validate(entry.config)

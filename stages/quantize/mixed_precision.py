@@ -28,6 +28,7 @@ from torch import nn
 
 from deploypipe.batches import Batch, batch_size, call, output_tensor, take, to_device
 from deploypipe.kernels.nm_compress import packed_index_bits
+from deploypipe.progress import progress
 
 from .adaquant import AdaQuantSettings, adaquant_layer
 from .bit_allocation import Allocation
@@ -76,8 +77,8 @@ def _layer_at(fp_layer: nn.Module, base: QuantLayer, bits: int, weight_range: st
 def measure_deltas(fp: nn.Module, q_base: nn.Module, names: list[str], candidates: list[int],
                    batches: Callable[[], Iterable[Batch]], weight_range: str = "mse",
                    settings: Optional[AdaQuantSettings] = None, cache_budget_bytes: int = 1 << 30,
-                   seed: int = 0, measure_batches: Optional[Callable[[], Iterable[Batch]]] = None
-                   ) -> tuple[dict, dict]:
+                   seed: int = 0, measure_batches: Optional[Callable[[], Iterable[Batch]]] = None,
+                   show_progress: bool = False) -> tuple[dict, dict]:
     """Delta-loss table {layer: {bits: dloss}} and the calibrated layer for every (layer, bits).
     The base model has every layer at the highest integer candidate (the FP16 candidate is measured
     against it like the others). Layers are calibrated on ``batches``; the loss is measured on
@@ -90,7 +91,7 @@ def measure_deltas(fp: nn.Module, q_base: nn.Module, names: list[str], candidate
     stats = CacheStats()
     dloss: dict[str, dict[int, float]] = {}
     layers: dict[tuple[str, int], nn.Module] = {}
-    for name in names:
+    for name in progress(names, total=len(names), description="layer sensitivities", enabled=show_progress):
         base = q_base.get_submodule(name)
         dloss[name] = {top: 0.0}
         layers[name, top] = base

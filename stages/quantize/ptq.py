@@ -248,7 +248,7 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
         sensing = batches if cfg.sensitivity == "clean" else calibration_batches(calib, cfg, seed, device,
                                                                                   sigma=cfg.sigma, stream="sensitivity")
         q = _mixed_precision(cfg, fp, q, free, plan, batches, sensing, example, seed, report,
-                             timed if evaluate else None, selection, log)
+                             timed if evaluate else None, selection, log, show_progress)
         measured("mixed_", q)
     if cfg.bn_tuning:
         report.bn_reestimation, bn = guarded_reestimate_bn(q, fp, affine, batches, cfg.bn_target, cfg.bn_guard)
@@ -290,7 +290,8 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
 
 def _mixed_precision(cfg: QuantizeConfig, fp: nn.Module, q: nn.Module, names: list[str], plan: dict, batches,
                      sensing, example: B.Batch, seed: int, report: QuantizeReport, evaluate: Optional[Measure],
-                     selection: Optional[tuple[torch.Tensor, torch.Tensor]], log: Callable[[str], None]) -> nn.Module:
+                     selection: Optional[tuple[torch.Tensor, torch.Tensor]], log: Callable[[str], None],
+                     show_progress: bool = False) -> nn.Module:
     """Measure delta-loss per (layer, precision) on the ``sensing`` batches (clean or noisy), solve the
     integer program, assemble the chosen model (re-solved under a certified constraint; with a sweep,
     every sweep budget solved on the same deltas)."""
@@ -322,7 +323,8 @@ def _mixed_precision(cfg: QuantizeConfig, fp: nn.Module, q: nn.Module, names: li
                          "candidates on held-out images — fix: pass selection=(images, labels) from the training data "
                          "(not the calibration set, never the test set)")
     dloss, layers = measure_deltas(fp, q, names, candidates, batches, cfg.weight_range, settings,
-                                   int(cfg.cache_budget_mb * 2**20), seed, measure_batches=sensing)
+                                   int(cfg.cache_budget_mb * 2**20), seed, measure_batches=sensing,
+                                   show_progress=show_progress)
     if cfg.sensitivity == "noisy":
         log(f"layer sensitivities measured on calibration images with Gaussian noise sigma {cfg.sigma}")
     if constraint is not None:
