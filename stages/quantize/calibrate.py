@@ -69,24 +69,40 @@ class CacheStats:
     subsampled_layers: list[str] = field(default_factory=list)
 
 
+class _Captured(Exception):
+    """Raised by the capture hook to stop a forward pass once the layer's tensors are in hand."""
+
+
 @torch.no_grad()
 def capture(model: nn.Module, module_name: str, batches: Callable[[], Iterable[Batch]],
             want_output: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Inputs (and outputs) of one submodule over all calibration batches (any batch a model takes:
-    deploypipe.batches)."""
+    deploypipe.batches). The forward pass stops at the submodule (the layers after it are not run)
+    once the first batch has shown that it is called once per pass; a submodule called several times
+    (shared) sees whole passes and every call is kept."""
     module = model.get_submodule(module_name)
     xs, ys = [], []
+    calls = [0]
+    stop = [False]
 
     def hook(_m, inputs, output):  # clones: an in-place op downstream (ReLU(inplace=True)) would change them
         xs.append(inputs[0].detach().clone())
         if want_output:
             ys.append(output.detach().clone())
+        calls[0] += 1
+        if stop[0]:
+            raise _Captured
 
     handle = module.register_forward_hook(hook)
     try:
         model.eval()
-        for batch in batches():
-            call(model, batch)
+        for i, batch in enumerate(batches()):
+            try:
+                call(model, batch)
+            except _Captured:
+                pass
+            if i == 0:
+                stop[0] = calls[0] == 1  # called once per pass: later passes can stop right there
     finally:
         handle.remove()
     return torch.cat(xs), (torch.cat(ys) if want_output else None)

@@ -53,3 +53,36 @@ def test_a_layer_is_never_left_worse_than_round_to_nearest():
     assert res.mse_adaquant <= res.mse_rtn
     if res.mse_adaquant == res.mse_rtn:
         assert all(torch.equal(v, state[k]) for k, v in q.state_dict().items())
+
+
+def test_capture_stops_each_pass_at_the_layer_and_keeps_every_call_of_a_shared_one():
+    from deploypipe.stages.quantize.calibrate import capture
+
+    class Counter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3), Counter()).eval()
+    data = [torch.randn(5, 4) for _ in range(3)]
+    x, y = capture(net, "2", lambda: iter(data))
+    with torch.no_grad():
+        hidden = [net[1](net[0](b)) for b in data]
+        assert torch.equal(x, torch.cat(hidden)) and torch.equal(y, net[2](torch.cat(hidden)))
+    assert net[3].calls == 1  # only the first pass ran past the layer
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(torch.relu(self.lin(x)))
+
+    shared = Shared().eval()
+    xs, _ = capture(shared, "lin", lambda: iter(data))
+    assert len(xs) == 2 * 15  # both calls of every pass
