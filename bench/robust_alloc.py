@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--selection-images", type=int, default=200)
     ap.add_argument("--selection-n", type=int, default=1000)
     ap.add_argument("--out", default="runs/bench-robust-alloc",
-                    help="certificates per model (JSON), read back on a rerun")
+                    help="certificates per model (JSON, one subfolder per test setting), read back on a rerun")
     add_report_argument(ap)
     args = ap.parse_args()
     report = Report(args.report, "Robustness-aware bit allocation: clean KL vs noisy sensitivity vs certified "
@@ -71,7 +71,8 @@ def main() -> None:
     held = data.held_out(args.selection_images, 0)
     selection = (held.as_float(held.images), held.labels)
     calib = [(x, y) for x, y in data.calib.batches(256)]
-    out = Path(args.out)
+    out = Path(args.out) / f"{Path(args.model).parent.parent.name}-sigma{args.sigma}-n{args.n}-n0{args.n0}-" \
+                           f"a{args.alpha}-i{len(test)}-calib{args.calib_size}-sel{args.selection_images}x{args.selection_n}"
     out.mkdir(parents=True, exist_ok=True)
 
     def certify(model, name):
@@ -128,7 +129,8 @@ def main() -> None:
                               log=lambda msg: print(f"  [{name} {budget}] {msg}", file=sys.stderr, flush=True))
             seconds = time.perf_counter() - t0
             top1, _ = top1_and_loss(q, data.test)
-            cert = summary(certify(q, f"{name}-b{budget}")["rows"])
+            tag = f"-loss{args.max_acr_loss}" if name == "constrained" else ""
+            cert = summary(certify(q, f"{name}{tag}-b{budget}")["rows"])
             results[name] = cert
             diff = ("" if name == "clean" else
                     "{:+.4f} ± {:.4f}".format(*paired(cert["radii"], results["clean"]["radii"])))
@@ -154,9 +156,10 @@ def main() -> None:
     print("ACR vs clean: the mean over the same test images (same noise) of the radius difference, 0 when not "
           "certified correct, with its standard error. Size: the program's storage measure (weights at their bits + "
           "32-bit scales and other parameters) as a fraction of FP32.")
-    noisy = [f"{d:+.3f} ± {se:.3f} at {b:g}" for b, name, d, se in headline_diffs if name == "noisy"]
-    report.finish(headline=f"robustness-aware bit allocation ({len(test)} test images, n = {args.n}): ACR of the "
-                           f"noisy-sensitivity choice minus the clean-KL choice {', '.join(noisy)} of the FP32 size")
+    parts = [f"{name} {d:+.3f} ± {se:.3f} at budget {b:g}" for b, name, d, se in headline_diffs]
+    report.finish(headline=f"robustness-aware bit allocation ({len(test)} test images, n = {args.n}), ACR minus the "
+                           f"clean-KL choice's: {'; '.join(parts)} (constrained: ACR loss <= {args.max_acr_loss} on "
+                           "the selection subset, may grow the size)")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ def collect(pipeline_dir: Path) -> tuple[list[Row], dict]:
     """The artifacts of a finished (or partly finished) pipeline folder, with the stages' own figures."""
     config = yaml.safe_load((pipeline_dir / "pipeline.yaml").read_text())
     rows: list[Row] = []
-    spec = Path(str(config["model"]["spec"]))
+    model = config.get("model")
+    spec = Path(str(model.get("spec") if isinstance(model, dict) else model))
     if (spec / "model.json").is_file():
         rows.append(Row("input", "input", spec))
     tracking = {}

@@ -176,6 +176,11 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
     (8, 0.35)
     """
     cfg = config or QuantizeConfig()
+    constraint = cfg.certified_constraint()
+    if constraint is not None and selection is None:  # before any work
+        raise ValueError(f"{'max_acr_loss' if constraint[0] == 'acr' else 'min_certified_accuracy'} certifies the "
+                         "candidates on held-out images — fix: pass selection=(images, labels) from the training data "
+                         "(not the calibration set, never the test set)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     batches = calibration_batches(calib, cfg, seed, device)
     example = B.first(batches)
@@ -318,10 +323,6 @@ def _mixed_precision(cfg: QuantizeConfig, fp: nn.Module, q: nn.Module, names: li
                          f"bit_candidates {[precision_label(b) for b in candidates]} is {smallest} — fix: raise "
                          f"--{budget.key.replace('_', '-')} to at least {smallest} or add lower bit candidates")
     constraint = cfg.certified_constraint()
-    if constraint is not None and selection is None:
-        raise ValueError(f"{'max_acr_loss' if constraint[0] == 'acr' else 'min_certified_accuracy'} certifies the "
-                         "candidates on held-out images — fix: pass selection=(images, labels) from the training data "
-                         "(not the calibration set, never the test set)")
     dloss, layers = measure_deltas(fp, q, names, candidates, batches, cfg.weight_range, settings,
                                    int(cfg.cache_budget_mb * 2**20), seed, measure_batches=sensing,
                                    show_progress=show_progress)
