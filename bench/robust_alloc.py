@@ -76,6 +76,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     def certify(model, name):
+        """The certificates of ``model`` on the test images (read back when ``name`` was certified before)."""
         path = out / f"{name}.json"
         if path.is_file():
             return json.loads(path.read_text())
@@ -123,39 +124,47 @@ def main() -> None:
                     "constrained": {"sensitivity": "noisy", "max_acr_loss": args.max_acr_loss}}
         results = {}
         for name, extra in variants.items():
-            t0 = time.perf_counter()
-            q, rep = quantize(fp, calib, QuantizeConfig(**base, **extra), seed=0,
-                              selection=selection if "max_acr_loss" in extra else None,
-                              log=lambda msg: print(f"  [{name} {budget}] {msg}", file=sys.stderr, flush=True))
-            seconds = time.perf_counter() - t0
-            top1, _ = top1_and_loss(q, data.test)
             tag = f"-loss{args.max_acr_loss}" if name == "constrained" else ""
-            cert = summary(certify(q, f"{name}{tag}-b{budget}")["rows"])
+            cell = out / f"{name}{tag}-b{budget}.cell.json"  # a finished cell is read back on a rerun
+            if cell.is_file():
+                c = json.loads(cell.read_text())
+            else:
+                t0 = time.perf_counter()
+                q, rep = quantize(fp, calib, QuantizeConfig(**base, **extra), seed=0,
+                                  selection=selection if "max_acr_loss" in extra else None,
+                                  log=lambda msg: print(f"  [{name} {budget}] {msg}", file=sys.stderr, flush=True))
+                seconds = time.perf_counter() - t0
+                top1, _ = top1_and_loss(q, data.test)
+                certify(q, f"{name}{tag}-b{budget}")
+                c = {"size": rep.metrics["size_fraction_of_fp32"], "avg_bits": rep.metrics["ip_average_bits"],
+                     "top1": top1, "seconds": seconds, "rounds": rep.robust_rounds,
+                     "selection_fp_acr": rep.metrics.get("selection_fp_acr")}
+                cell.write_text(json.dumps(c))
+            cert = summary(certify(None, f"{name}{tag}-b{budget}")["rows"])
             results[name] = cert
             diff = ("" if name == "clean" else
                     "{:+.4f} ± {:.4f}".format(*paired(cert["radii"], results["clean"]["radii"])))
             if name != "clean":
                 headline_diffs.append((budget, name, *paired(cert["radii"], results["clean"]["radii"])))
-            table.append([f"{budget:g}", name, f"{rep.metrics['size_fraction_of_fp32']:.4f}",
-                          f"{rep.metrics['ip_average_bits']:.2f}", f"{100 * top1:.2f}%", f"{100 * cert['ca0.25']:.1f}%",
-                          f"{100 * cert['ca0.5']:.1f}%", f"{cert['acr']:.3f}", diff,
-                          str(len(rep.robust_rounds)) if rep.robust_rounds else "", f"{seconds:.0f}"])
-            if rep.robust_rounds:
+            table.append([f"{budget:g}", name, f"{c['size']:.4f}", f"{c['avg_bits']:.2f}", f"{100 * c['top1']:.2f}%",
+                          f"{100 * cert['ca0.25']:.1f}%", f"{100 * cert['ca0.5']:.1f}%", f"{cert['acr']:.3f}", diff,
+                          str(len(c["rounds"])) if c["rounds"] else "", f"{c['seconds']:.0f}"])
+            if c["rounds"]:
                 notes.append(markdown_table(
                     ["round", "budget asked", "achieved", "selection ACR", "ACR loss", "holds", "chosen"],
                     [[r["round"], f"{r['budget']:.4f}", f"{r['achieved']:.4f}", f"{r['acr']:.3f}",
-                      f"{r['acr_loss']:+.3f}", r["holds"], r["chosen"]] for r in rep.robust_rounds],
+                      f"{r['acr_loss']:+.3f}", r["holds"], r["chosen"]] for r in c["rounds"]],
                     f"Re-solve rounds at budget {budget:g} (selection subset: {args.selection_images} training "
                     f"images outside the calibration set, n = {args.selection_n}; FP32 selection ACR "
-                    f"{rep.metrics['selection_fp_acr']:.3f})"))
+                    f"{c['selection_fp_acr']:.3f})"))
     print(markdown_table(columns, table, f"{type(fp).__name__} from {args.model}, sigma = {args.sigma}: {len(test)} "
                                          f"test images (every {step}-th), n = {args.n}, n0 = {args.n0}, "
                                          f"alpha = {args.alpha}; {args.calib_size} calibration images"))
     for note in notes:
         print(note)
     print("ACR vs clean: the mean over the same test images (same noise) of the radius difference, 0 when not "
-          "certified correct, with its standard error. Size: the program's storage measure (weights at their bits + "
-          "32-bit scales and other parameters) as a fraction of FP32.")
+          "certified correct, with its standard error. Size: deployed storage (storage_bytes: weights at "
+          "their bits with their 32-bit scales, every other parameter and buffer at its dtype) as a fraction of FP32.")
     parts = [f"{name} {d:+.3f} ± {se:.3f} at budget {b:g}" for b, name, d, se in headline_diffs]
     report.finish(headline=f"robustness-aware bit allocation ({len(test)} test images, n = {args.n}), ACR minus the "
                            f"clean-KL choice's: {'; '.join(parts)} (constrained: ACR loss <= {args.max_acr_loss} on "
