@@ -77,7 +77,7 @@ def _options(workdir: Path, tracking_uri: Optional[str], experiment: Optional[st
     from .pipeline import RunOptions
 
     return RunOptions(workdir=workdir, tracking_uri=tracking_uri, experiment=experiment, device=device, seed=seed,
-                      show_progress=sys.stderr.isatty(), where=where, **more)
+                      show_progress=True, where=where, **more)
 
 
 def _print_summary(summary: Any, workdir: Path, as_json: bool) -> None:

@@ -127,10 +127,11 @@ def test_a_tracking_server_that_dies_mid_run_costs_one_line_and_the_rerun_picks_
         server.wait(30)
         killed_at = time.time()
         _, err = proc.communicate(timeout=600)  # a hang guard
-        lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[train]")]
+        lines = [line for line in err.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error")]
         assert proc.returncode == 1, err[-3000:]
-        assert "Traceback" not in err and len(lines) == 1, err[-3000:]
-        assert lines[0].startswith(f"error: tracking server {uri} unreachable") and "rerun to upload" in lines[0]
+        assert "Traceback" not in err and len(errors) == 1 and lines[-1] == errors[0], err[-3000:]
+        assert errors[0].startswith(f"error: tracking server {uri} unreachable") and "rerun to upload" in errors[0]
         print(f"exit {time.time() - killed_at:.1f} s after the server died")
         assert (tmp_path / "t" / ".work" / "train" / "checkpoint.pt").is_file()  # the finished epochs are kept
         assert not (tmp_path / "t" / "train").exists()  # no half-written stage folder
