@@ -45,8 +45,9 @@ def test_torchrun_train_logs_once_and_writes_one_folder(tmp_path, cli_store):
                     "--batch-size", "64", "--lr", "0.05", "--limit-train", "300", "--limit-test", "100", "--out",
                     "ddp", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stderr.count("epoch 2/2") == 1 and sorted(p.name for p in (tmp_path / "ddp").iterdir()
-                                                          if not p.name.startswith(".")) == ["pipeline.yaml", "train"]
+    assert res.stderr.count("epoch 2/2") == 1 and res.stderr.count("pipeline report:") == 1  # rank 0 alone
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if not p.name.startswith(".")) == \
+        ["pipeline.yaml", "report.csv", "report.md", "report.png", "train"]
     assert (tmp_path / "ddp" / "train" / "model" / "weights.pt").is_file()
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
