@@ -147,3 +147,26 @@ def test_unsigned_grids_only_where_inputs_are_never_negative(workdir):
     rows = {r["layer"]: r["a_signed"] for r in csv.DictReader(open(workdir / "q" / "quantize" / "layers.csv"))}
     # digits_cnn: the first conv sees normalised (signed) pixels; every later layer follows a ReLU
     assert rows == {"1": "True", "4": "False", "8": "False", "13": "False"}
+
+
+def test_certified_constraint_in_the_stage_logs_every_round(workdir):
+    """The stage path of max_acr_loss: the selection subset comes from training images outside the
+    calibration set, every certified round is a row of robust_rounds.csv, a point of robust_rounds.png
+    and one MLflow step."""
+    from mlflow import MlflowClient
+
+    quant = {"act_bits": 8, "method": "rtn", "bit_candidates": [2, 8], "budget": 0.2, "sensitivity": "noisy",
+             "sigma": 0.25, "max_acr_loss": 0.0, "selection_images": 30, "selection_n": 100, "selection_n0": 10,
+             "export_onnx": False}
+    summary = Pipeline(config(quant), RunOptions(workdir, show_progress=False)).run()
+    out = workdir / "q" / "quantize"
+    rounds = list(csv.DictReader(open(out / "robust_rounds.csv")))
+    assert 1 <= len(rounds) <= 4 and sum(r["chosen"] == "True" for r in rounds) == 1
+    chosen = next(r for r in rounds if r["chosen"] == "True")
+    assert chosen["holds"] == "True" and float(chosen["acr_loss"]) <= 1e-12
+    assert (out / "robust_rounds.png").stat().st_size > 10_000
+    m = summary.stages[1].metrics
+    assert m["robust_rounds"] == len(rounds) and m["selection_acr"] == pytest.approx(float(chosen["acr"]))
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    steps = [h.step for h in client.get_metric_history(summary.stages[1].run_id, "acr_loss")]
+    assert steps == list(range(1, len(rounds) + 1))
