@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Launch the team MLflow tracking server for deploypipe runs.
 #
-#   PostgreSQL backend store + S3-compatible artifact store (proxied by the
-#   server) + MLflow's built-in basic-auth app + MLflow 3 security middleware.
+#   PostgreSQL backend store + S3-compatible (or local-disk) artifact store,
+#   proxied by the server + MLflow's built-in basic-auth app + MLflow 3
+#   security middleware.
 #
 # Usage:
 #   MLFLOW_AUTH_ADMIN_PASSWORD=... MLFLOW_FLASK_SERVER_SECRET_KEY=... mlflow/launch.sh [--dry-run]
@@ -11,7 +12,7 @@
 #
 #   DEPLOYPIPE_MLFLOW_DB_URI          tracking DB   (default postgresql://mlflow@localhost:5432/mlflow)
 #   DEPLOYPIPE_MLFLOW_AUTH_DB_URI     users/perm DB (default postgresql://mlflow@localhost:5432/mlflow_auth)
-#   DEPLOYPIPE_MLFLOW_ARTIFACTS       artifacts     (default s3://mlflow/deploypipe)
+#   DEPLOYPIPE_MLFLOW_ARTIFACTS       artifacts     (default s3://mlflow/deploypipe; or /abs/dir, file:///abs/dir)
 #   DEPLOYPIPE_MLFLOW_HOST            bind address  (default 127.0.0.1)
 #   DEPLOYPIPE_MLFLOW_PORT            port          (default 5000)
 #   DEPLOYPIPE_MLFLOW_WORKERS         workers       (default 4)
@@ -22,7 +23,7 @@
 #   DEPLOYPIPE_MLFLOW_PYTHON          interpreter used for the dependency check (default python3)
 #   MLFLOW_AUTH_ADMIN_PASSWORD        required, >= 12 characters
 #   MLFLOW_FLASK_SERVER_SECRET_KEY    required (same value on every server instance)
-#   MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY: read by boto3 inside MLflow.
+#   MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY: read by boto3 inside MLflow (s3:// only).
 #
 # Database passwords: prefer leaving them out of the URIs and using libpq's
 # PGPASSWORD or ~/.pgpass, so they do not show up in `ps` output.
@@ -34,7 +35,7 @@ DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$arg' (only --dry-run and --help are accepted)" ;;
   esac
 done
@@ -70,8 +71,12 @@ fi
 
 [[ "$DB_URI" == postgresql://* || "$DB_URI" == postgresql+*://* ]] \
   || die "DEPLOYPIPE_MLFLOW_DB_URI must be a postgresql:// URI"
-[[ "$ARTIFACTS" == s3://?* ]] \
-  || die "DEPLOYPIPE_MLFLOW_ARTIFACTS must be an s3://bucket/prefix URI"
+# s3://bucket/prefix, or a folder on the server's disk: /absolute/path or file:///absolute/path
+case "$ARTIFACTS" in
+  s3://?*) ARTIFACTS_KIND=s3 ;;
+  /?*|file:///?*) ARTIFACTS_KIND=local ;;
+  *) die "DEPLOYPIPE_MLFLOW_ARTIFACTS must be an s3://bucket/prefix URI, an absolute path or a file:///absolute/path URI" ;;
+esac
 [[ "$PORT" =~ ^[0-9]{1,5}$ ]] && (( 10#$PORT >= 1 && 10#$PORT <= 65535 )) \
   || die "DEPLOYPIPE_MLFLOW_PORT must be a port number (1-65535)"
 [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] \
@@ -101,17 +106,24 @@ esac
 mask_uri() { sed -E 's#(://[^:/@]*):[^@]*@#\1:****@#' <<<"$1"; }
 
 # --- dependency check -------------------------------------------------------
-# postgresql:// and postgresql+psycopg2:// use psycopg2; postgresql+psycopg:// uses psycopg 3.
-PG_PKG=psycopg2-binary
-[[ "$DB_URI$AUTH_DB_URI" == *postgresql+psycopg://* ]] && PG_PKG='"psycopg[binary]"'
-FIX="pip install \"mlflow[auth]>=3.5\" $PG_PKG boto3"
+# postgresql+psycopg2:// uses psycopg2 and postgresql+psycopg:// psycopg 3; a plain postgresql:// uses
+# SQLAlchemy's default driver: psycopg 3 from SQLAlchemy 2.1 on, psycopg2 before. The check below asks the
+# installed SQLAlchemy and prints its own fix line; this one is for when Python cannot be asked.
+PG_PKG='"psycopg[binary]"'
+if [[ "$DB_URI" == postgresql+psycopg2://* && "$AUTH_DB_URI" != postgresql://* && "$AUTH_DB_URI" != postgresql+psycopg://* ]]; then
+  PG_PKG=psycopg2-binary
+elif [[ "$DB_URI$AUTH_DB_URI" == *postgresql+psycopg2://* ]]; then
+  PG_PKG+=' psycopg2-binary'
+fi
+FIX="pip install \"mlflow[auth]>=3.5\" $PG_PKG"
+[[ "$ARTIFACTS_KIND" == s3 ]] && FIX+=" boto3"
 dep_error=""
 if ! command -v mlflow >/dev/null 2>&1; then
   dep_error="the 'mlflow' command is not on PATH"
 elif ! command -v "$PYTHON" >/dev/null 2>&1; then
   dep_error="'$PYTHON' not found (set DEPLOYPIPE_MLFLOW_PYTHON to MLflow's interpreter)"
 else
-  dep_error="$("$PYTHON" - "$DB_URI" "$AUTH_DB_URI" <<'PY' 2>&1 || true
+  dep_error="$("$PYTHON" - "$ARTIFACTS_KIND" "$DB_URI" "$AUTH_DB_URI" <<'PY' 2>&1 || true
 import importlib.util as u, sys
 from importlib.metadata import PackageNotFoundError, version
 missing = []
@@ -123,26 +135,32 @@ except (PackageNotFoundError, ValueError):
     missing.append("mlflow")
 if u.find_spec("flask_wtf") is None:
     missing.append("Flask-WTF (mlflow[auth])")
+pip = {"psycopg2": "psycopg2-binary", "psycopg": '"psycopg[binary]"'}
 drivers = set()
-for uri in sys.argv[1:]:
-    scheme = uri.split("://", 1)[0]
-    if scheme in ("postgresql", "postgresql+psycopg2"):
-        drivers.add("psycopg2")
-    elif scheme == "postgresql+psycopg":
-        drivers.add("psycopg")
-for mod in sorted(drivers) + ["boto3"]:
+for uri in sys.argv[2:]:
+    if not uri.startswith(("postgresql:", "postgresql+")):
+        continue
+    try:  # the driver the installed SQLAlchemy picks for this URI
+        from sqlalchemy.engine import make_url
+        drivers.add(make_url(uri).get_dialect().driver)
+    except Exception:  # no SQLAlchemy (no MLflow): what SQLAlchemy >= 2.1 picks
+        drivers.add("psycopg2" if uri.startswith("postgresql+psycopg2:") else "psycopg")
+modules = sorted(drivers) + (["boto3"] if sys.argv[1] == "s3" else [])
+for mod in modules:
     if u.find_spec(mod) is None:
         missing.append(mod)
 if missing:
-    print("missing or too old: " + ", ".join(missing))
+    print("missing or too old: " + ", ".join(missing) + '; fix: pip install "mlflow[auth]>=3.5" '
+          + " ".join(pip.get(m, m) for m in modules))
 PY
 )"
 fi
+[[ -z "$dep_error" || "$dep_error" == *"; fix: "* ]] || dep_error+="; fix: $FIX"
 if [[ -n "$dep_error" ]]; then
   if (( DRY_RUN )); then
-    echo "launch.sh: WARNING: $dep_error; fix: $FIX" >&2
+    echo "launch.sh: WARNING: $dep_error" >&2
   else
-    die "$dep_error; fix: $FIX"
+    die "$dep_error"
   fi
 fi
 
@@ -173,7 +191,11 @@ write_ini() {  # $1 = password to write (real or masked)
 if (( DRY_RUN )); then
   echo "# auth config (written to a private 0600 temp file at launch):"
   write_ini '****' "$(mask_uri "$AUTH_DB_URI")" | sed 's/^/#   /'
-  echo "# S3 endpoint: ${MLFLOW_S3_ENDPOINT_URL:-<AWS default>}"
+  if [[ "$ARTIFACTS_KIND" == s3 ]]; then
+    echo "# S3 endpoint: ${MLFLOW_S3_ENDPOINT_URL:-<AWS default>}"
+  else
+    echo "# artifacts on the server's disk: $ARTIFACTS"
+  fi
   printed=()
   for word in "${CMD[@]}"; do printed+=("$(mask_uri "$word")"); done
   printf 'MLFLOW_AUTH_CONFIG_PATH=<temp>/basic_auth.ini MLFLOW_AUTH_ADMIN_PASSWORD=**** MLFLOW_FLASK_SERVER_SECRET_KEY=****'
