@@ -316,12 +316,16 @@ def report_cmd(pipeline_dir: Path, trust_factory: tuple[str, ...], no_tracking: 
                                                                      "proxy)")
 @click.option("--port", type=int, default=5000, show_default=True)
 def ui_cmd(workdir: Path, host: str, port: int) -> None:
-    """Serve the local MLflow store of a work directory with `mlflow server` on 127.0.0.1.
+    """Serve the local MLflow store of a work directory with `mlflow server` on 127.0.0.1 (no logins: keep it there).
 
     \b
     Example:
       deploypipe demo && deploypipe ui --port 5000   # then open http://127.0.0.1:5000
     """
+    if not _loopback(host):  # before anything else: the user should see this even when the start fails
+        click.echo(f"warning: --host {host} serves this work directory's runs and artifacts with no authentication to "
+                   f"every machine that can reach port {port} (anyone there can read, change and delete them) — keep "
+                   "127.0.0.1 and use an SSH tunnel, or run the team server with logins (mlflow/launch.sh)", err=True)
     db = workdir / "mlflow.db"
     if not db.is_file():
         raise InputError(f"no MLflow store at {db}", "run a pipeline first (deploypipe demo) or pass --workdir")
@@ -343,6 +347,17 @@ def ui_cmd(workdir: Path, host: str, port: int) -> None:
         _stop_group(server)
         click.echo("MLflow server stopped", err=True)
         raise SystemExit(143 if isinstance(err, Terminated) else 0)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost: may resolve to anything
+        return False
 
 
 def _wait_until_serving(url: str, server: subprocess.Popen, timeout: float = 300.0) -> bool:

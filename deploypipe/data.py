@@ -215,10 +215,11 @@ def _decode_folder(root: Path, image_size: Optional[int], workers: int) -> tuple
     key = stat.hexdigest()[:24]
     cached = cache_dir() / f"imagefolder-{key}.npz"
     if cached.is_file():
-        with np.load(cached) as z:
-            images, labels = z["images"], z["labels"]
-        return (ImageSet(torch.from_numpy(images), torch.from_numpy(labels), names), classes,
-                _content_digest(images, labels, classes))
+        found = _read_cache(cached, len(files))
+        if found is not None:
+            images, labels = found
+            return (ImageSet(torch.from_numpy(images), torch.from_numpy(labels), names), classes,
+                    _content_digest(images, labels, classes))
     paths = [p for p, _ in files]
     chunk = 2000
     jobs = [(paths[i:i + chunk], image_size) for i in range(0, len(paths), chunk)]
@@ -237,12 +238,47 @@ def _decode_folder(root: Path, image_size: Optional[int], workers: int) -> tuple
                          "set data.image_size (e.g. 32) so they are resized to one size")
     images = np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
     labels = np.array([lbl for _, lbl in files], dtype=np.int64)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, images=images, labels=labels)
-    os.replace(tmp, cached)
+    _write_cache(cached, images, labels)
     return (ImageSet(torch.from_numpy(images), torch.from_numpy(labels), names), classes,
             _content_digest(images, labels, classes))
+
+
+def _read_cache(cached: Path, count: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The cached (images, labels), or None when the file is damaged (it is then decoded again)."""
+    import zipfile
+
+    from .progress import log
+
+    try:
+        with np.load(cached) as z:
+            images, labels = z["images"], z["labels"]
+        if len(images) == len(labels) == count:
+            return images, labels
+        problem = f"it holds {len(images)} images for {count} files"
+    except PermissionError as err:
+        raise InputError(f"cannot read the decoded-image cache {cached}: {err.strerror}",
+                         "make it readable, or set DEPLOYPIPE_CACHE to a folder of yours") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        problem = f"{type(err).__name__}: {err}"
+    log(f"the decoded-image cache {cached} is damaged ({problem}): decoding the images again")
+    return None
+
+
+def _write_cache(cached: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write the cache atomically (a temporary file, then a rename); a folder that cannot be written is
+    the user's to fix (exit 2), and no partial file is left."""
+    tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, images=images, labels=labels)
+        os.replace(tmp, cached)
+    except OSError as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise InputError(f"cannot write the decoded-image cache in {cached.parent}: {err.strerror or err}",
+                         "set DEPLOYPIPE_CACHE to a writable folder (the decoded images are kept there)") from None
 
 
 def _content_digest(images: np.ndarray, labels: np.ndarray, classes: list[str]) -> str:

@@ -54,3 +54,15 @@ class StageFailed(Exception):
 
 class TrackingUnavailable(RuntimeError):
     """The tracking server stopped answering during a run (see the module docstring)."""
+
+
+def check_writable(folder, what: str, fix: str) -> None:
+    """Raise InputError when no file can be created in ``folder`` (permissions, a read-only file
+    system: ``os.access`` misses the latter for root, so a file is really created and removed)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".deploypipe-write-check-"):
+            pass
+    except OSError as err:
+        raise InputError(f"{what} {folder} is not writable ({err.strerror or err})", fix) from None

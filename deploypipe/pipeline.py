@@ -39,11 +39,11 @@ import yaml
 
 from .config import PipelineConfig
 from .data import Splits, load_data
-from .errors import InputError, StageFailed, TrackingUnavailable
+from .errors import InputError, StageFailed, TrackingUnavailable, check_writable
 from .models import (ModelRecord, check_fits_data, content_hash, factory_source, is_model_dir, load_model,
                      model_from_spec, read_record, save_model, trust_factories)
 from .distributed import barrier, destroy_process_group, init_process_group, launched_ranks
-from .stage import NullTracker, StageContext, StageDef, StageResult, load_stages
+from .stage import NullTracker, Preflight, StageContext, StageDef, StageResult, load_stages
 from .progress import log
 from .tracking import StageTracker, Tracker, check_reachable, default_uri, resolve_uri
 
@@ -289,9 +289,28 @@ class Pipeline:
         return PipelineSummary(self.cfg.name, str(self.out_dir), self.uri, last.get("experiment_id", ""),
                                last["pipeline_run_id"], outcomes, rechecked=True)
 
+    def _preflight(self, skipped: int) -> None:
+        """Every stage that will run checks what needs no computation (files, budgets, data sizes)
+        before the first one starts, so a mistake in the last stage does not cost the earlier ones."""
+        model: Optional[torch.nn.Module] = self.model
+        for i, (entry, sdef, typed) in enumerate(self.stage_defs):
+            if i >= skipped and sdef.preflight is not None:
+                before = self.stage_defs[:i]
+                try:
+                    sdef.preflight(typed, Preflight(entry.id, self.data, model, self.record if model else None,
+                                                    [e.stage for e, _, _ in before],
+                                                    [self.out_dir / e.id for e, _, _ in before]))
+                except (ValueError, TypeError) as err:
+                    if InputError.is_for_user(err):
+                        raise InputError.from_error(err, f"stage '{entry.id}'") from None
+                    raise
+            if sdef.changes_architecture(typed):
+                model = None  # later stages get a model of another shape: their model checks wait for it
+
     def run(self) -> PipelineSummary:
         only, force = self.options.only, self.options.force
         finished = self._check_selection(only, force)
+        self._preflight(len(finished))
         if self.mode != "ddp":
             return self._recheck(finished) or self._run_writing(only, force)
         init_process_group(self.device)
@@ -310,6 +329,8 @@ class Pipeline:
         except OSError as err:
             raise InputError(f"cannot create the work directory: {err}",
                              "choose a writable --workdir / --out") from None
+        for folder in dict.fromkeys((self.workdir, self.out_dir)):
+            check_writable(folder, "the output folder", "choose a writable --workdir / --out")
         with _exclusive(self.out_dir):
             if self.mode == "ddp":
                 barrier()

@@ -116,6 +116,26 @@ Distributed = Literal["none", "shards", "ddp"]
 
 
 @dataclass
+class Preflight:
+    """What a stage's preflight check may look at, before the pipeline's first stage starts: the data,
+    the pipeline's input model (None when an earlier stage may hand over another architecture, e.g. a
+    distill student), and the folders the earlier stages will write (a file named there will exist).
+    A check raises ValueError/TypeError with " — fix: ..." (exit 2) and must be quick: no training,
+    no calibration, no certification."""
+    stage_id: str
+    data: Splits
+    model: Optional[nn.Module]
+    record: Optional[ModelRecord]  # the model's record (None with the model)
+    earlier_stages: list[str]  # the stage names before this one, in order
+    earlier_outputs: list[Path]
+
+    def will_exist(self, path: str | Path) -> bool:
+        """``path`` exists now or lies in the folder of an earlier stage of this pipeline."""
+        p = Path(path).resolve()
+        return p.exists() or any(p.is_relative_to(d.resolve()) for d in self.earlier_outputs)
+
+
+@dataclass
 class StageDef:
     name: str
     config: type[BaseModel]
@@ -127,18 +147,30 @@ class StageDef:
     # the image shape the stage feeds its input model, given its config and the data's shape (default: the data's)
     model_input_shape: Optional[Callable[[Any, tuple[int, ...]], tuple[int, ...]]] = None
     headline: tuple[str, ...] = ()  # the metrics the summary table shows (all, when empty)
+    # checks that need no computation, run for every stage before the pipeline's first stage starts
+    preflight: Optional[Callable[[Any, Preflight], None]] = None
+    # whether, given its config, the stage hands over a model of another architecture (a distill student)
+    replaces_architecture: Optional[Callable[[Any], bool]] = None
+
+    def changes_architecture(self, cfg: Any) -> bool:
+        return bool(self.replaces_architecture and self.replaces_architecture(cfg))
 
 
 REGISTRY: dict[str, StageDef] = {}
 def register(name: str, help: str = "", distributed: Distributed = "none",
              model_input_shape: Optional[Callable[[Any, tuple[int, ...]], tuple[int, ...]]] = None,
-             headline: tuple[str, ...] = ()) -> Callable:
+             headline: tuple[str, ...] = (), preflight: Optional[Callable[[Any, Preflight], None]] = None,
+             replaces_architecture: Optional[Callable[[Any], bool]] = None) -> Callable:
     """Register a stage; its config schema is the type of the run function's ``cfg`` argument.
     ``distributed``: what the stage does under torchrun — "shards" (divides its work by ``ctx.rank`` /
     ``ctx.world_size``, each rank writing its own folder), "ddp" (trains with DistributedDataParallel;
     rank 0 alone writes and logs), or "none" (refused there: every rank would redo all of it).
     ``model_input_shape(cfg, data_shape)``: the image shape the stage feeds its input model when that
     is not the data's (DRS certification: half-images); a pipeline's model is checked against it.
+    ``preflight(cfg, Preflight)``: checks that need no computation (paths, budgets, data sizes), run
+    for every stage of a pipeline before its first stage starts (see ``Preflight``).
+    ``replaces_architecture(cfg)``: true when the stage's output model is of another architecture
+    than its input (later stages' preflight then gets no model).
     ``help`` and ``headline`` default to the stage package's ``STAGE`` declaration (deploypipe.stage_index)."""
 
     def deco(fn: Callable) -> Callable:
@@ -149,7 +181,8 @@ def register(name: str, help: str = "", distributed: Distributed = "none",
         info = _declared(fn.__module__)
         REGISTRY[name] = StageDef(name, cfg_type, fn,
                                   help or (info.help if info else (fn.__doc__ or "").strip().split("\n")[0]),
-                                  distributed, model_input_shape, tuple(headline or (info.headline if info else ())))
+                                  distributed, model_input_shape, tuple(headline or (info.headline if info else ())),
+                                  preflight, replaces_architecture)
         return fn
 
     return deco

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-from .errors import InputError, TrackingUnavailable  # noqa: F401 (TrackingUnavailable: re-exported)
+from .errors import InputError, TrackingUnavailable, check_writable  # noqa: F401 (TrackingUnavailable: re-exported)
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -69,6 +69,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         if path and path != ":memory:" and not folder.is_dir():
             raise InputError(f"the folder of the sqlite tracking store '{uri}' does not exist",
                              f"create {folder} or point the URI at an existing folder")
+        if path and path != ":memory:":  # sqlite writes a journal beside the store
+            check_writable(folder, "the folder of the sqlite tracking store", "point --tracking-uri at a writable "
+                           "folder (sqlite:///PATH/mlflow.db) or make it writable")
     elif scheme in ("", "file"):
         raise InputError(f"tracking URI '{uri}' is a plain file store, which MLflow 3 no longer writes by default",
                          "use sqlite:///PATH/mlflow.db or an http(s):// server")
@@ -107,7 +110,13 @@ def _check_server(uri: str, timeout: float) -> None:
     except requests.RequestException as err:
         raise InputError(f"tracking server {uri} stopped answering ({type(err).__name__})",
                          "check the server and retry") from None
-    if resp.status_code in (401, 403):
+    if resp.status_code == 401:
+        if auth or headers:  # credentials were sent and refused: a wrong name, password or token
+            raise InputError(f"tracking server {uri} refused the login: authentication failed (HTTP 401)",
+                             "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+        raise InputError(f"tracking server {uri} requires a login (HTTP 401)",
+                         "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+    if resp.status_code == 403:
         raise InputError(f"tracking server {uri} refused the credentials (HTTP {resp.status_code})",
                          "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
 

@@ -94,3 +94,40 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case):
     assert " fix: " in lines[0] or "--help" in lines[0], lines[0]
     assert "stages[0]" not in lines[0] or args[0] == "run", lines[0]  # a stage command names the flag typed
     assert not (tmp_path / "runs").exists(), "bad input must not leave a work directory behind"
+
+
+@pytest.mark.parametrize("later, says", [
+    ("- quantize: {bit_candidates: [4, 8], budget: 0.02}", "budget 0.02 of the FP32 size is infeasible"),
+    ("- certify: {onnx: elsewhere/model.onnx, n: 20, n0: 10, num_images: 2}", "certify onnx 'elsewhere/model.onnx' does not exist"),
+    ("- certify: {reference: no/model, n: 20, n0: 10, num_images: 2}", "certify reference 'no/model' does not exist"),
+    ("- quantize: {bit_candidates: [4, 8], budget: 0.3, max_acr_loss: 0.1, sigma: 0.25}",
+     "training images lie outside the calibration set"),
+])
+def test_a_later_stages_mistake_is_refused_before_the_first_stage_runs(tmp_path, later, says):
+    """Checks that need no computation run for every stage before the first one starts: a bad budget or
+    path in the last stage costs no training."""
+    data = "{source: digits, limit_train: 300, calib_size: 295}" if "max_acr_loss" in later else "digits"
+    config = write(tmp_path, "late.yaml", f"""\
+        name: late
+        model: zoo:digits_cnn
+        data: {data}
+        stages:
+          - train: {{epochs: 1}}
+          {later}
+        """)
+    code, _, err = run_main("run", config, "--workdir", str(tmp_path / "runs"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert says in err and "fix:" in err
+    assert not (tmp_path / "runs" / "late" / "train").exists()  # train never started
+
+
+def test_a_file_an_earlier_stage_writes_passes_the_preflight(tmp_path):
+    from deploypipe.config import PipelineConfig
+    from deploypipe.pipeline import Pipeline, RunOptions
+
+    cfg = PipelineConfig.model_validate({
+        "name": "p", "model": "zoo:digits_cnn", "data": {"source": "digits", "limit_train": 200, "limit_test": 50},
+        "stages": [{"quantize": {"method": "rtn"}},
+                   {"certify": {"onnx": str(tmp_path / "runs" / "p" / "quantize" / "model.onnx"), "n": 20, "n0": 10,
+                                "num_images": 2}}]})
+    Pipeline(cfg, RunOptions(workdir=tmp_path / "runs"))._preflight(0)  # no error: quantize writes that file

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from conftest import run_main
@@ -87,6 +88,88 @@ def test_a_corrupt_image_and_an_empty_class_folder_are_named(tmp_path, cli_store
     code, _, err = run_main("certify", "--model", "zoo:digits_cnn", "--n0", "500", "--n", "100", cwd=tmp_path)
     assert code == 2 and "n0 500 is larger than n 100" in err
     assert not (tmp_path / "runs" / "evaluate").exists() and not (tmp_path / "runs" / "certify").exists()
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder nothing can be written in, root included: a read-only tmpfs mount (or, for a user
+    other than root, a folder without write permission)."""
+    made = []
+
+    def make(name: str, files: dict[str, bytes] = {}) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for rel, data in files.items():
+            (folder / rel).write_bytes(data)
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+            return folder
+        staged = tmp_path / f"{name}-content"
+        shutil.copytree(folder, staged)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "none", str(folder)]).returncode:
+            pytest.skip("root, but cannot mount a tmpfs to make a read-only folder")
+        made.append(folder)
+        shutil.copytree(staged, folder, dirs_exist_ok=True)
+        assert subprocess.run(["mount", "-o", "remount,ro", str(folder)]).returncode == 0
+        return folder
+
+    yield make
+    for folder in made:
+        subprocess.run(["umount", "--lazy", str(folder)])  # lazily: this process may still hold the store open
+
+
+def test_read_only_folders_are_named_in_one_line(tmp_path, read_only, cli_store):
+    from PIL import Image
+
+    store = tmp_path / "store"
+    store.mkdir()
+    MlflowClient(f"sqlite:///{store / 'mlflow.db'}").search_experiments()  # a migrated store, then frozen
+    frozen_store = read_only("frozen-store", {"mlflow.db": (store / "mlflow.db").read_bytes()})
+    code, _, err = run_main("evaluate", "--model", "zoo:digits_cnn", "--limit-test", "20", "--tracking-uri",
+                            f"sqlite:///{frozen_store / 'mlflow.db'}", cwd=tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"sqlite tracking store {frozen_store} is not writable" in err and "fix:" in err
+
+    root = tmp_path / "imgs"
+    for cls in ("cat", "dog"):
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / "train" / cls / f"{i}.png")
+    cache = read_only("cache")
+    code, _, err = run_main("evaluate", "--model", "zoo:resnet20", "--data", f"imagefolder:{root}", "--out", "e",
+                            cwd=tmp_path, env={"DEPLOYPIPE_CACHE": str(cache)})
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot write the decoded-image cache in {cache}" in err and "DEPLOYPIPE_CACHE" in err
+    assert not (tmp_path / "e" / "evaluate").exists()
+
+    out = read_only("out")
+    code, _, err = run_main("evaluate", "--model", "zoo:digits_cnn", "--limit-test", "20", "--workdir", str(out),
+                            cwd=tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--workdir" in err, err
+
+
+def test_a_damaged_image_cache_is_decoded_again(tmp_path, cli_store):
+    from PIL import Image
+
+    from deploypipe.config import DataSpec
+    from deploypipe.data import cache_dir, load_data
+
+    root = tmp_path / "imgs"
+    for cls in ("cat", "dog"):
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), 30 * i + (cls == "dog"), np.uint8)).save(root / "train" / cls / f"{i}.png")
+    os.environ["DEPLOYPIPE_CACHE"] = str(tmp_path / "cache")
+    try:
+        first = load_data(DataSpec(source=f"imagefolder:{root}"))
+        (cached,) = cache_dir().glob("imagefolder-*.npz")
+        cached.write_bytes(cached.read_bytes()[:100])  # truncated, as by a full disk or a killed copy
+        again = load_data(DataSpec(source=f"imagefolder:{root}"))
+    finally:
+        del os.environ["DEPLOYPIPE_CACHE"]
+    for a, b in ((first.train, again.train), (first.test, again.test)):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert cached.stat().st_size > 1000  # written again, whole
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM])

@@ -68,3 +68,13 @@ def test_team_launch_script_parses_and_dry_runs():
     short = subprocess.run(["bash", str(script), "--dry-run"], env={**env, "MLFLOW_AUTH_ADMIN_PASSWORD": "short"},
                            capture_output=True, text=True, timeout=60)
     assert short.returncode != 0 and "MLFLOW_AUTH_ADMIN_PASSWORD" in short.stderr
+
+
+@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("192.168.1.7", True), ("127.0.0.1", False),
+                                          ("localhost", False), ("::1", False)])
+def test_ui_on_a_non_loopback_address_warns_that_it_has_no_logins(tmp_path, host, warned):
+    # an empty work directory: the command stops at the missing store, after the warning (no server started)
+    res = subprocess.run([sys.executable, "-m", "deploypipe", "ui", "--workdir", str(tmp_path), "--host", host],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "no MLflow store" in res.stderr
+    assert ("no authentication" in res.stderr) is warned, res.stderr

@@ -31,7 +31,7 @@ import torch
 from deploypipe.data import half_image_shape
 from deploypipe.errors import InputError
 from deploypipe.progress import log
-from deploypipe.stage import StageContext, StageResult, register
+from deploypipe.stage import Preflight, StageContext, StageResult, register
 
 from .classifier import (Autocast, base_classifier, check_outputs, load_saved, probe_halves, probe_images,
                          weights_hash)
@@ -56,7 +56,18 @@ def model_input_shape(cfg: CertifyConfig, shape: tuple[int, ...]) -> tuple[int, 
     return half_image_shape(shape) if cfg.method == "drs" else tuple(shape)
 
 
-@register("certify", distributed="shards", model_input_shape=model_input_shape)
+def preflight(cfg: CertifyConfig, pre: Preflight) -> None:
+    """Before the pipeline's first stage: the files this stage reads exist, or an earlier stage writes them."""
+    for key, what, example in (("onnx", "an ONNX classifier", "<out>/quantize/model.onnx"),
+                               ("reference", "a saved model/ folder", "<out>/train/model"),
+                               ("model_right", "a saved model/ folder", "<out>/train-right/model")):
+        path = getattr(cfg, key)
+        if path and not pre.will_exist(path):
+            raise ValueError(f"certify {key} '{path}' does not exist and no earlier stage of the pipeline writes it "
+                             f"— fix: give the path of {what} (e.g. {example})")
+
+
+@register("certify", distributed="shards", model_input_shape=model_input_shape, preflight=preflight)
 def run(ctx: StageContext, cfg: CertifyConfig) -> StageResult:
     device = ctx.device
     shard = cfg.shard

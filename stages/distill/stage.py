@@ -67,7 +67,7 @@ def _curves(history: list[dict]) -> Figure:
     return fig
 
 
-@register("distill")
+@register("distill", replaces_architecture=lambda cfg: cfg.student is not None)
 def run(ctx: StageContext, cfg: DistillConfig) -> StageResult:
     data = ctx.data
     mean, std = data.channel_stats()

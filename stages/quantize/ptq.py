@@ -154,35 +154,26 @@ def _unsigned_inputs(fp: nn.Module, chosen: list[str], batch: B.Batch) -> dict[s
     return nonneg
 
 
-def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = None, *, seed: int = 0,
-             device: Optional[torch.device | str] = None, sparse_layers: Optional[dict[str, str]] = None,
-             evaluate: Optional[Measure] = None, show_progress: bool = False,
-             selection: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-             log: Callable[[str], None] = lambda _msg: None) -> tuple[nn.Module, QuantizeReport]:
-    """Quantize a copy of ``model`` on the calibration data ``calib``; returns it and a report.
+@dataclass
+class _Setup:
+    example: Any
+    input_shape: Optional[tuple]
+    fp: nn.Module
+    q: nn.Module
+    plan: dict
+    names: list[str]
+    chosen: list[str]
+    tensor_bits: tuple
+    tensor_quant: list[dict]
+    attention: list
+    affine: Any
+    folded: Any
 
-    ``sparse_layers``: {layer: "N:M"} of an N:M-sparse model (deploypipe.sparsify's report.layers):
-    those layers keep their zeros. ``evaluate(model)``: figures to report at each step (never used to
-    choose anything). ``selection``: (images in [0, 1], labels) held out from the calibration data
-    and the test set, certified to check ``max_acr_loss`` / ``min_certified_accuracy``
-    (robust_allocation.py). ``log``: where progress lines go.
 
-    >>> import torch
-    >>> from deploypipe import quantize, QuantizeConfig
-    >>> net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
-    >>> calib = torch.randn(128, 16)
-    >>> q, report = quantize(net, calib, QuantizeConfig(weight_bits=8, act_bits=8, method="rtn"))
-    >>> report.plan["0"]["w_bits"], round(report.metrics["size_fraction_of_fp32"], 2)
-    (8, 0.35)
-    """
-    cfg = config or QuantizeConfig()
-    constraint = cfg.certified_constraint()
-    if constraint is not None and selection is None:  # before any work
-        raise ValueError(f"{'max_acr_loss' if constraint[0] == 'acr' else 'min_certified_accuracy'} certifies the "
-                         "candidates on held-out images — fix: pass selection=(images, labels) from the training data "
-                         "(not the calibration set, never the test set)")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    batches = calibration_batches(calib, cfg, seed, device)
+def _setup(model: nn.Module, batches: Callable[[], Iterable[B.Batch]], cfg: QuantizeConfig, device: torch.device,
+           sparse_layers: Optional[dict[str, str]], log: Callable[[str], None]) -> _Setup:
+    """The FP model as quantize works on it (attention rewritten, BN folded, tensor quantizers
+    inserted, disabled) and its quantized copy at the plan's bits (ranges not calibrated yet)."""
     example = B.first(batches)
     args, _ = B.model_inputs(example)
     input_shape = tuple(args[0].shape[1:]) if args and isinstance(args[0], torch.Tensor) else None
@@ -217,6 +208,43 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
         log(f"{sum('sparse' in p for p in plan.values())} N:M sparse layers keep their pattern")
     q = wrap_layers(copy.deepcopy(fp), plan).to(device).eval()
     set_enabled(q, True)
+    return _Setup(example, input_shape, fp, q, plan, names, chosen, tensor_bits, tensor_quant, attention, affine,
+                  folded)
+
+
+def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = None, *, seed: int = 0,
+             device: Optional[torch.device | str] = None, sparse_layers: Optional[dict[str, str]] = None,
+             evaluate: Optional[Measure] = None, show_progress: bool = False,
+             selection: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+             log: Callable[[str], None] = lambda _msg: None) -> tuple[nn.Module, QuantizeReport]:
+    """Quantize a copy of ``model`` on the calibration data ``calib``; returns it and a report.
+
+    ``sparse_layers``: {layer: "N:M"} of an N:M-sparse model (deploypipe.sparsify's report.layers):
+    those layers keep their zeros. ``evaluate(model)``: figures to report at each step (never used to
+    choose anything). ``selection``: (images in [0, 1], labels) held out from the calibration data
+    and the test set, certified to check ``max_acr_loss`` / ``min_certified_accuracy``
+    (robust_allocation.py). ``log``: where progress lines go.
+
+    >>> import torch
+    >>> from deploypipe import quantize, QuantizeConfig
+    >>> net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    >>> calib = torch.randn(128, 16)
+    >>> q, report = quantize(net, calib, QuantizeConfig(weight_bits=8, act_bits=8, method="rtn"))
+    >>> report.plan["0"]["w_bits"], round(report.metrics["size_fraction_of_fp32"], 2)
+    (8, 0.35)
+    """
+    cfg = config or QuantizeConfig()
+    constraint = cfg.certified_constraint()
+    if constraint is not None and selection is None:  # before any work
+        raise ValueError(f"{'max_acr_loss' if constraint[0] == 'acr' else 'min_certified_accuracy'} certifies the "
+                         "candidates on held-out images — fix: pass selection=(images, labels) from the training data "
+                         "(not the calibration set, never the test set)")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    batches = calibration_batches(calib, cfg, seed, device)
+    setup = _setup(model, batches, cfg, device, sparse_layers, log)
+    example, input_shape, fp, q, plan = setup.example, setup.input_shape, setup.fp, setup.q, setup.plan
+    names, chosen, tensor_bits, tensor_quant = setup.names, setup.chosen, setup.tensor_bits, setup.tensor_quant
+    attention, affine, folded = setup.attention, setup.affine, setup.folded
     report = QuantizeReport(plan, [], {})
     metrics = report.metrics
 
@@ -249,7 +277,7 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
         metrics["cache_subsampled_layers"] = float(len(stats.subsampled_layers))
         measured("adaquant_", q)
     if cfg.bit_candidates:
-        free = [n for n in chosen if n not in {names[0], names[-1]} or not cfg.first_last_bits]
+        free = _free(cfg, chosen, names)
         sensing = batches if cfg.sensitivity == "clean" else calibration_batches(calib, cfg, seed, device,
                                                                                   sigma=cfg.sigma, stream="sensitivity")
         q = _mixed_precision(cfg, fp, q, free, plan, batches, sensing, example, seed, report,
@@ -264,7 +292,8 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
         measured("bn_", q)
     if cfg.bias_tuning:
         small = calibration_batches(calib, cfg, seed, device, batch_size=64)
-        metrics["bias_kl_before"], metrics["bias_kl_after"] = tune_biases(fp, q, small, cfg.bias_steps, cfg.bias_lr)
+        metrics["bias_kl_before"], metrics["bias_kl_after"] = tune_biases(fp, q, small, cfg.bias_steps, cfg.bias_lr,
+                                                                          show_progress)
         measured("bias_", q)
     metrics["calibration_seconds"] = time.perf_counter() - t0 - evaluating[0]
     if evaluate is not None:
@@ -293,14 +322,10 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
     return q, report
 
 
-def _mixed_precision(cfg: QuantizeConfig, fp: nn.Module, q: nn.Module, names: list[str], plan: dict, batches,
-                     sensing, example: B.Batch, seed: int, report: QuantizeReport, evaluate: Optional[Measure],
-                     selection: Optional[tuple[torch.Tensor, torch.Tensor]], log: Callable[[str], None],
-                     show_progress: bool = False) -> nn.Module:
-    """Measure delta-loss per (layer, precision) on the ``sensing`` batches (clean or noisy), solve the
-    integer program, assemble the chosen model (re-solved under a certified constraint; with a sweep,
-    every sweep budget solved on the same deltas)."""
-    settings = cfg.adaquant_settings() if cfg.method == "adaquant" else None
+def _budget(cfg: QuantizeConfig, fp: nn.Module, q: nn.Module, names: list[str], plan: dict,
+            example: B.Batch) -> tuple[Budget, dict[str, int]]:
+    """The program's cost table and constraint for the layers ``names`` (``q``: every one at the highest
+    candidate), and every layer's MACs."""
     candidates = sorted(set(cfg.bit_candidates))
     params = {n: fp.get_submodule(n).weight.numel() for n in names}
     macs = layer_macs(fp, [n for n, _ in quantizable_layers(fp)], example)
@@ -314,14 +339,49 @@ def _mixed_precision(cfg: QuantizeConfig, fp: nn.Module, q: nn.Module, names: li
         reference, fixed = model_bops(fp, macs), model_bops(q, macs) - sum(cost[n][top] for n in names)
     else:
         reference, fixed = float("nan"), 0.0
-    budget = Budget(cfg, cost, reference, fixed, params)
-    report.budget_unit = budget.unit
-    limit = getattr(cfg, budget.key)
-    smallest = budget.smallest()
-    if cfg.max_loss is None and limit < smallest:  # known before measuring anything
+    return Budget(cfg, cost, reference, fixed, params), macs
+
+
+def _check_feasible(cfg: QuantizeConfig, budget: Budget) -> None:
+    limit, smallest = getattr(cfg, budget.key), budget.smallest()
+    if cfg.max_loss is None and limit < smallest:
+        candidates = sorted(set(cfg.bit_candidates))
         raise ValueError(f"{budget.key} {limit} {budget.unit} is infeasible: the smallest feasible {budget.key} with "
                          f"bit_candidates {[precision_label(b) for b in candidates]} is {smallest} — fix: raise "
                          f"--{budget.key.replace('_', '-')} to at least {smallest} or add lower bit candidates")
+
+
+def check_budget(model: nn.Module, calib: Any, config: QuantizeConfig,
+                 sparse_layers: Optional[dict[str, str]] = None) -> None:
+    """Raise the ValueError ``quantize`` would raise for a budget no allocation of ``bit_candidates``
+    meets — without calibrating anything (a pipeline checks this before its first stage starts)."""
+    if not config.bit_candidates:
+        return
+    setup = _setup(model, calibration_batches(calib, config, 0, torch.device("cpu")), config, torch.device("cpu"),
+                   sparse_layers, lambda _msg: None)
+    _check_feasible(config, _budget(config, setup.fp, setup.q, _free(config, setup.chosen, setup.names), setup.plan,
+                                    setup.example)[0])
+
+
+def _free(cfg: QuantizeConfig, chosen: list[str], names: list[str]) -> list[str]:
+    """The layers whose precision the program chooses (first and last stay at first_last_bits when set)."""
+    return [n for n in chosen if n not in {names[0], names[-1]} or not cfg.first_last_bits]
+
+
+def _mixed_precision(cfg: QuantizeConfig, fp: nn.Module, q: nn.Module, names: list[str], plan: dict, batches,
+                     sensing, example: B.Batch, seed: int, report: QuantizeReport, evaluate: Optional[Measure],
+                     selection: Optional[tuple[torch.Tensor, torch.Tensor]], log: Callable[[str], None],
+                     show_progress: bool = False) -> nn.Module:
+    """Measure delta-loss per (layer, precision) on the ``sensing`` batches (clean or noisy), solve the
+    integer program, assemble the chosen model (re-solved under a certified constraint; with a sweep,
+    every sweep budget solved on the same deltas)."""
+    settings = cfg.adaquant_settings() if cfg.method == "adaquant" else None
+    candidates = sorted(set(cfg.bit_candidates))
+    budget, macs = _budget(cfg, fp, q, names, plan, example)
+    cost, params = budget.cost, budget.params
+    report.budget_unit = budget.unit
+    limit = getattr(cfg, budget.key)
+    _check_feasible(cfg, budget)  # known before measuring anything
     constraint = cfg.certified_constraint()
     dloss, layers = measure_deltas(fp, q, names, candidates, batches, cfg.weight_range, settings,
                                    int(cfg.cache_budget_mb * 2**20), seed, measure_batches=sensing,

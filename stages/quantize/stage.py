@@ -22,11 +22,11 @@ from matplotlib.figure import Figure
 from deploypipe.evaluation import top1_and_loss
 from deploypipe.onnx_export import export_onnx, onnx_parity
 from deploypipe.progress import log
-from deploypipe.stage import StageContext, StageResult, register
+from deploypipe.stage import Preflight, StageContext, StageResult, register
 
 from .config import QuantizeConfig
 from .modules import TRANSFORM_MODULE
-from .ptq import quantize
+from .ptq import check_budget, quantize
 from .quantizer import FP16
 
 
@@ -74,21 +74,42 @@ def _rounds_plot(rows: list[dict], unit: str) -> Figure:
     return fig
 
 
-@register("quantize")
+def preflight(cfg: QuantizeConfig, pre: Preflight) -> None:
+    """Before the pipeline's first stage: enough held-out images for a certified constraint, and a
+    budget that some allocation meets (on the pipeline's input model, when this stage gets its
+    architecture and no N:M sparsity or quantization comes in between)."""
+    if cfg.certified_constraint() is not None:
+        _check_selection_size(len(pre.data.held_out(cfg.selection_images, 0)))
+    if pre.model is None or cfg.bit_candidates is None or {"sparsify", "quantize"} & set(pre.earlier_stages):
+        return
+    if any(t.get("kind") == "quantize" for t in pre.record.transforms):
+        return
+    calib = pre.data.calib.images[:cfg.calib_batch_size]
+    check_budget(pre.model, pre.data.calib.as_float(calib), cfg, _sparse_layers(pre.record))
+
+
+def _check_selection_size(count: int) -> None:
+    if count < 10:
+        raise ValueError(f"only {count} training images lie outside the calibration set: too few to certify "
+                         "the bit allocation on — fix: lower the data's calib_size or use more training data")
+
+
+def _sparse_layers(record) -> dict[str, str]:
+    return {n: p for t in record.transforms if t.get("kind") == "sparsify" for n, p in t["params"]["layers"].items()}
+
+
+@register("quantize", preflight=preflight)
 def run(ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
     def measure(model: torch.nn.Module) -> dict[str, float]:
         top1, loss = top1_and_loss(model, ctx.data.test, device=ctx.device)
         return {"top1": top1, "test_loss": loss}
 
-    sparse = {n: p for t in ctx.record.transforms if t.get("kind") == "sparsify"
-              for n, p in t["params"]["layers"].items()}
+    sparse = _sparse_layers(ctx.record)
     calib = ((x, y) for x, y in ctx.data.calib.batches(cfg.calib_batch_size))
     selection = None
     if cfg.certified_constraint() is not None:  # held out from calibration, never the test split
         held = ctx.data.held_out(cfg.selection_images, ctx.seed)
-        if len(held) < 10:
-            raise ValueError(f"only {len(held)} training images lie outside the calibration set: too few to certify "
-                             "the bit allocation on — fix: lower the data's calib_size or use more training data")
+        _check_selection_size(len(held))
         selection = (held.as_float(held.images), held.labels)
     q, report = quantize(ctx.model, list(calib), cfg, seed=ctx.seed, device=ctx.device, sparse_layers=sparse,
                          evaluate=measure, show_progress=ctx.show_progress, selection=selection,

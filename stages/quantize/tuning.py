@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from deploypipe.batches import Batch, batch_size, call, output_tensor
+from deploypipe.progress import progress
 
 from .mixed_precision import calibration_kl, divergence
 from .modules import QuantLayer
@@ -129,7 +130,7 @@ def guarded_reestimate_bn(q_model: nn.Module, fp_model: nn.Module, affine: dict[
 
 
 def tune_biases(fp_model: nn.Module, q_model: nn.Module, batches: Callable[[], Iterable[Batch]],
-                steps: int = 300, lr: float = 1e-4) -> tuple[float, float]:
+                steps: int = 300, lr: float = 1e-4, show_progress: bool = False) -> tuple[float, float]:
     """Train only the quantized layers' biases towards the FP logits (KL); returns KL before/after."""
     biases = [m.layer.bias for m in q_model.modules() if isinstance(m, QuantLayer) and m.layer.bias is not None]
     if not biases:
@@ -153,7 +154,7 @@ def tune_biases(fp_model: nn.Module, q_model: nn.Module, batches: Callable[[], I
     opt = torch.optim.Adam(biases, lr=lr)
     try:
         with torch.enable_grad():
-            for step in range(steps):
+            for step in progress(range(steps), total=steps, description="bias tuning", enabled=show_progress):
                 x, target = cached[step % len(cached)]
                 loss = divergence(output_tensor(call(q_model, x)), target) / batch_size(x)
                 opt.zero_grad(set_to_none=True)
