@@ -173,6 +173,6 @@ def adaquant_model(fp_model: nn.Module, q_model: nn.Module, names: list[str],
         res = adaquant_layer(q, x, y, relu=relu, settings=settings, generator=g)
         rows.append({"layer": name, "w_bits": q.w_bits, "a_bits": q.a_bits, "relu_target": relu,
                      "samples": len(x), "mse_rtn": res.mse_rtn, "mse_adaquant": res.mse_adaquant,
-                     "seconds": res.seconds})
+                     "steps": res.steps, "seconds": res.seconds})
         del x, y
     return rows, stats

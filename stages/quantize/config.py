@@ -35,12 +35,15 @@ class QuantizeConfig(Schema):
     unsigned_activations: bool = Field(False, description="unsigned grids for non-negative inputs (not for TensorRT)")
     include: list[str] = Field(["*"], description="glob patterns of layer names to quantize")
     exclude: list[str] = Field([], description="glob patterns of layer names to keep in floating point")
-    iters: int = Field(1000, ge=1, description="AdaQuant steps per layer")
+    iters: int = Field(250, ge=1, description="AdaQuant steps per layer (at most: see patience)")
+    patience: int = Field(3, ge=0, description="AdaQuant: stop a layer after this many checks of its calibration "
+                                               "probe MSE (every iters/10 steps) without improvement; 0 = never")
     batch_size: int = Field(50, ge=1, description="cached samples per AdaQuant step")
-    lr_weight: float = Field(1e-5, gt=0, description="AdaQuant learning rate of the weights")
-    lr_bias: float = Field(1e-3, gt=0, description="AdaQuant learning rate of the biases")
-    lr_weight_scale: float = Field(1e-3, gt=0, description="AdaQuant relative learning rate of the weight scales")
-    lr_act_scale: float = Field(1e-2, gt=0, description="AdaQuant relative learning rate of the activation scale")
+    lr_weight: float = Field(4e-5, gt=0, description="AdaQuant learning rate of the weights (the paper: 1e-5 over "
+                                                     "1,000 steps)")
+    lr_bias: float = Field(4e-3, gt=0, description="AdaQuant learning rate of the biases (the paper: 1e-3)")
+    lr_weight_scale: float = Field(4e-3, gt=0, description="AdaQuant relative learning rate of the weight scales")
+    lr_act_scale: float = Field(4e-2, gt=0, description="AdaQuant relative learning rate of the activation scale")
     bit_candidates: Optional[list[int]] = Field(
         None,
         description="weight precisions the integer program chooses from per layer, e.g. [2, 3, 4, 8]; fp16 (or 16) = "
@@ -111,7 +114,7 @@ class QuantizeConfig(Schema):
         from .adaquant import AdaQuantSettings
 
         return AdaQuantSettings(self.iters, self.batch_size, self.lr_weight, self.lr_bias, self.lr_weight_scale,
-                                self.lr_act_scale)
+                                self.lr_act_scale, self.patience)
 
     def certified_constraint(self) -> Optional[tuple[str, float, float]]:
         """("acr", max loss, 0) or ("certified_accuracy", radius, least accuracy), or None."""

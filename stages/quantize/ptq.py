@@ -271,10 +271,12 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
     measured("fp_", fp)
     measured("rtn_", q)
     if cfg.method == "adaquant":
+        t_step = time.perf_counter()
         report.adaquant, stats = adaquant_model(fp, q, chosen, batches, cfg.mode, cfg.adaquant_settings(),
                                                 int(cfg.cache_budget_mb * 2**20), seed, show_progress)
         metrics["cache_peak_mb"] = stats.peak_bytes / 2**20
         metrics["cache_subsampled_layers"] = float(len(stats.subsampled_layers))
+        metrics["adaquant_seconds"] = time.perf_counter() - t_step
         measured("adaquant_", q)
     if cfg.bit_candidates:
         free = _free(cfg, chosen, names)
@@ -284,16 +286,20 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
                              timed if evaluate else None, selection, log, show_progress)
         measured("mixed_", q)
     if cfg.bn_tuning:
+        t_step = time.perf_counter()
         report.bn_reestimation, bn = guarded_reestimate_bn(q, fp, affine, batches, cfg.bn_target, cfg.bn_guard)
         metrics.update(bn)
+        metrics["bn_seconds"] = time.perf_counter() - t_step
         verdict = ("kept" if bn["bn_kept"] else "undone: it did not lower") + \
             f" the calibration KL to the FP logits ({bn['bn_kl_before']:.4g} -> {bn['bn_kl_after']:.4g})"
         log(f"BN re-estimation {verdict}")
         measured("bn_", q)
     if cfg.bias_tuning:
+        t_step = time.perf_counter()
         small = calibration_batches(calib, cfg, seed, device, batch_size=64)
         metrics["bias_kl_before"], metrics["bias_kl_after"] = tune_biases(fp, q, small, cfg.bias_steps, cfg.bias_lr,
                                                                           show_progress)
+        metrics["bias_seconds"] = time.perf_counter() - t_step
         measured("bias_", q)
     metrics["calibration_seconds"] = time.perf_counter() - t0 - evaluating[0]
     if evaluate is not None:

@@ -46,14 +46,42 @@ def _broadcast(scale: torch.Tensor, x: torch.Tensor, axis: Optional[int]) -> tor
     return scale.reshape(shape)
 
 
+class _FakeQuant(torch.autograd.Function):
+    """q = s * clamp(round(x / s), qmin, qmax) with the module docstring's gradients, written out:
+    three passes forward and a masked product backward, where autograd of the composed expression
+    (divide, clamp, round, straight-through add, multiply) records and replays twice as many."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: Optional[int]) -> torch.Tensor:
+        s = _broadcast(scale, x, axis)
+        v = x / s
+        codes = torch.round(v).clamp_(qmin, qmax)  # == round(clamp(v)): the bounds are integers
+        ctx.save_for_backward(v, codes)
+        ctx.qmin, ctx.qmax, ctx.axis, ctx.scale_shape = qmin, qmax, axis, scale.shape
+        return codes * s
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        v, codes = ctx.saved_tensors
+        inside = (v >= ctx.qmin) & (v <= ctx.qmax)
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:  # LSQ: round(x/s) - x/s inside the range, qmin / qmax outside
+            per = grad * torch.where(inside, codes - v, codes)
+            if ctx.axis is None or len(ctx.scale_shape) == 0:
+                grad_scale = per.sum().reshape(ctx.scale_shape)
+            else:
+                grad_scale = per.sum([d for d in range(per.ndim) if d != ctx.axis]).reshape(ctx.scale_shape)
+        return grad_x, grad_scale, None, None, None
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool = True,
                axis: Optional[int] = None) -> torch.Tensor:
     """Quantize-dequantize ``x`` on the grid ``scale * [qmin..qmax]`` (per-channel along ``axis``)."""
     qmin, qmax = qrange(bits, signed)
-    s = _broadcast(scale, x, axis)
-    c = torch.clamp(x / s, qmin, qmax)
-    c = c + (torch.round(c) - c).detach()  # straight-through rounding
-    return c * s
+    if axis is not None and scale.ndim > 0:
+        axis = axis % x.ndim
+    return _FakeQuant.apply(x, scale, qmin, qmax, axis)
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool = True,

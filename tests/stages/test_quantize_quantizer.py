@@ -59,6 +59,27 @@ def test_ste_and_lsq_gradients_in_closed_form():
     torch.testing.assert_close(s.grad, expected)
 
 
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_per_channel_gradients_in_closed_form(axis):
+    """The scale of channel c collects sum over its elements of g * (round(v) - v) inside the range and
+    g * qmin/qmax outside, v = x / s_c; x gets g inside, 0 outside (float64, numpy reference)."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 5, 6, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    channels = x.shape[axis]
+    s = (torch.rand(channels, generator=gen, dtype=torch.float64) * 0.3 + 0.1).requires_grad_()
+    g = torch.randn(4, 5, 6, generator=gen, dtype=torch.float64)
+    (fake_quant(x, s, 4, axis=axis) * g).sum().backward()
+    xs, ss, gs = x.detach().numpy(), s.detach().numpy(), g.numpy()
+    shape = [1, 1, 1]
+    shape[axis] = channels
+    v = xs / ss.reshape(shape)
+    inside = np.abs(v) <= 7
+    np.testing.assert_allclose(x.grad.numpy(), gs * inside, rtol=0, atol=0)
+    per = gs * np.where(inside, np.round(v) - v, np.sign(v) * 7)
+    expected = np.moveaxis(per, axis, 0).reshape(channels, -1).sum(1)
+    np.testing.assert_allclose(s.grad.numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_percentile_matches_numpy():
     x = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
     s = percentile_scale(x, 8, 99.0, axis=0)

@@ -1,17 +1,19 @@
 """The quantize stage in a pipeline: first/last layers at 8 bits, weights on their grids, AdaQuant
 no worse than round-to-nearest on the calibration objective, and a model that reloads exactly."""
 
+import copy
 import csv
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import last_json, run_cli, run_main
 from deploypipe.config import PipelineConfig, validate
 from deploypipe.evaluation import top1_and_loss
 from deploypipe.models import load_model
 from deploypipe.pipeline import Pipeline, RunOptions
-from deploypipe.stages.quantize.modules import QuantLayer
+from deploypipe.stages.quantize.modules import QuantLayer, fold_batchnorm
 from deploypipe.stages.quantize.quantizer import qrange, quantize_codes
 
 
@@ -42,13 +44,38 @@ def test_quantize_stage_end_to_end(workdir, mode):
         torch.testing.assert_close(codes.float() * scale, q.quantized_weight())
     top1, loss = top1_and_loss(model, pipe.data.test)  # reload reproduces the reported accuracy
     assert top1 == pytest.approx(m["test_top1"]) and loss == pytest.approx(m["test_loss"], rel=1e-5)
-    if tuning:
-        assert {"bn_top1", "bias_top1"} <= set(m) and m["bias_kl_after"] <= m["bias_kl_before"]
+    fp = load_model(workdir / "q" / "train" / "model").eval()
+    x_calib = pipe.data.calib.as_float(pipe.data.calib.images)
+    if tuning:  # the reported KL after bias tuning is the saved model's, measured here independently
+        assert {"bn_top1", "bias_top1"} <= set(m)
+        with torch.no_grad():
+            kl = F.kl_div(F.log_softmax(model(x_calib), 1), F.log_softmax(fp(x_calib), 1), log_target=True,
+                          reduction="sum").item() / len(x_calib)
+        assert kl == pytest.approx(m["bias_kl_after"], rel=1e-3)
         assert m["test_top1"] == m["bias_top1"]
         assert (workdir / "q" / "quantize" / "bn_reestimation.csv").is_file()
     rows = list(csv.DictReader(open(workdir / "q" / "quantize" / "layers.csv")))
     assert [r["layer"] for r in rows] == names
-    assert all(float(r["mse_adaquant"]) <= float(r["mse_rtn"]) for r in rows)
+    if mode == "parallel":  # each layer's reported MSE is the saved layer's on the FP inputs, recomputed here
+        folded = copy.deepcopy(fp)
+        fold_batchnorm(folded)
+        mse = {}
+        for r in rows:
+            seen = {}
+            hook = folded.get_submodule(r["layer"]).register_forward_hook(
+                lambda _m, inputs, out: seen.update(x=inputs[0], y=out))
+            with torch.no_grad():
+                folded(x_calib)
+                hook.remove()
+                out, target = qlayers[r["layer"]](seen["x"]), seen["y"]
+                if r["relu_target"] == "True":
+                    out, target = F.relu(out), F.relu(target)
+            mse[r["layer"]] = F.mse_loss(out, target).item()
+            assert mse[r["layer"]] == pytest.approx(float(r["mse_adaquant"]), rel=1e-3), r["layer"]
+        # and AdaQuant really improved the 3-bit layers on round-to-nearest (its guard only stops it doing worse)
+        low = [r for r in rows if r["w_bits"] == "3"]
+        assert low and all(mse[r["layer"]] < 0.9 * float(r["mse_rtn"]) for r in low), [
+            (mse[r["layer"]], float(r["mse_rtn"])) for r in rows]
     assert (workdir / "q" / "quantize" / "layer_mse.png").is_file()
     assert (workdir / "q" / "quantize" / "model.onnx").is_file() and m["onnx_top1_agreement"] >= 0.99
 
@@ -136,7 +163,7 @@ def test_transformer_encoder_quantizes_end_to_end(workdir):
     assert qlayers[0] == "patch_embed" and qlayers[-1] == "head" and len(qlayers) == 1 + 2 * 4 + 1
     assert all(model.get_submodule(n).w_bits == 4 for n in qlayers[1:-1])
     rows = list(csv.DictReader(open(workdir / "vit" / "quantize" / "layers.csv")))
-    assert all(float(r["mse_adaquant"]) <= float(r["mse_rtn"]) for r in rows)
+    assert sum(float(r["mse_adaquant"]) < float(r["mse_rtn"]) for r in rows) >= len(rows) // 2  # not just reverted
     assert top1_and_loss(model, pipe.data.test)[0] == pytest.approx(m["test_top1"])
     assert m["test_top1"] >= m["fp_top1"] - 0.05
 
