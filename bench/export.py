@@ -48,9 +48,9 @@ def main() -> None:
     calib = [x for x, _ in data.calib.batches(256)]
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-export-"))
     variants = {"FP32": (dp.load_model(args.model), None, {})}
-    for name, bits in (("W8A8", 8), ("W4A8", 4)):
-        q, _ = dp.quantize(dp.load_model(args.model), calib, dp.QuantizeConfig(weight_bits=bits, act_bits=8,
-                                                                                method="rtn"))
+    for name, bits, unsigned in (("W8A8", 8, False), ("W4A8", 4, False), ("W8A8 unsigned", 8, True)):
+        q, _ = dp.quantize(dp.load_model(args.model), calib, dp.QuantizeConfig(
+            weight_bits=bits, act_bits=8, method="rtn", unsigned_activations=unsigned))
         variants[name] = (q, bits, {})
     if args.sparse:
         record = read_record(args.sparse)
@@ -61,7 +61,7 @@ def main() -> None:
     rows, fp32_b64 = [], None
     for name, (model, bits, sparse) in variants.items():
         print(f"{name} ...", file=sys.stderr, flush=True)
-        cfg = dp.ExportConfig(format="both" if _has_trt() else "onnx", batch=[1, 64], latency_repeats=args.repeats,
+        cfg = dp.ExportConfig(format="auto", batch=[1, 64], latency_repeats=args.repeats,
                               parity_images=len(data.test))
         r = dp.export(model, tuple(data.input_shape), out / name.replace(" ", "").replace(":", "-").replace("+", "_"),
                       cfg, parity_data=data.test, sparse_2_4=bool(sparse))
@@ -74,11 +74,13 @@ def main() -> None:
                      f"{100 * r.parity['onnx_top1_agreement']:.2f}",
                      f"{r.engine_info['build_seconds']:.1f}" if r.engine_info else "–",
                      f"{r.engine_info['plan_bytes'] / 1024:.0f}" if r.engine_info else "–",
-                     "clean" if not r.findings else f"{len(r.findings)} findings"])
+                     "clean" if not r.findings else f"{len(r.findings)} findings",
+                     *_cpu_columns(r, lat, fp32_b64)])
     rows.append(_ort_peer(out, data, calib, variants["FP32"][0], args, fp32_b64))
     columns = ["model", "ONNX KiB", "PyTorch eager b1 ms", "ONNX Runtime b1 ms", "PyTorch eager b64 ms",
                "ONNX Runtime b64 ms", "ORT b64 throughput / eager FP32", "ORT top-1 agreement %",
-               "TensorRT-RTX build s", "engine KiB", "TensorRT lint"]
+               "TensorRT-RTX build s", "engine KiB", "TensorRT lint", "ORT integer kernels (model.onnx / .cpu.onnx)",
+               "model.cpu.onnx b64 ms", "cpu file b64 throughput / eager FP32", "cpu file top-1 agreement %"]
     print(markdown_table(columns, rows, f"`{args.model}` on `{args.data}`, {len(data.test)} test images, "
                                         f"{args.threads} CPU threads, median of {args.repeats} passes"))
     print("Quantized rows: round-to-nearest with MSE ranges, first and last layer 8-bit; W4A8's 4-bit weights ship "
@@ -90,9 +92,23 @@ def main() -> None:
           "`deploypipe export --check` names the nodes). Our files put symmetric int8 Q/DQ on layer inputs as "
           "TensorRT wants (Clip, ReLU and Add sit between a Conv and the next Q), so ONNX Runtime fuses few of them "
           "and runs the rest in float with Q/DQ around it.")
-    int8 = next(r for r in rows if r[0] == "W8A8")
-    report.finish(headline=f"W8A8 model in ONNX Runtime: {int8[6]} PyTorch eager FP32 throughput at batch 64 on "
-                           f"the CPU (target 2x), top-1 agreement {int8[7]}% (target 99.9%)")
+    print("`W8A8 unsigned`: quantized with `unsigned_activations` (post-ReLU inputs on the UINT8 grid [0, 255], "
+          "zero point 0, so ONNX Runtime drops the ReLU in front of their Q). model.cpu.onnx: the export stage's "
+          "file for ONNX Runtime on CPUs, the same Q/DQ without the Clips that keep INT8 codes off -128 "
+          "(stages/export/cpu_layout.py); TensorRT's file is model.onnx.")
+    int8, cpu = next(r for r in rows if r[0] == "W8A8"), next(r for r in rows if r[0] == "W8A8 unsigned")
+    report.finish(headline=f"W8A8 in ONNX Runtime on the CPU at batch 64: {cpu[13]} PyTorch eager FP32 throughput "
+                           f"with model.cpu.onnx of the unsigned-activation model (agreement {cpu[14]}%), {int8[6]} "
+                           f"with the TensorRT-layout file (target 2x, agreement >= 99.9%)")
+
+
+def _cpu_columns(r, lat: dict, fp32_b64: float) -> list[str]:
+    """Integer kernels ONNX Runtime fused, and the CPU file's latency and agreement (quantized rows)."""
+    kernels = [str(sum(r.integer_kernels.get(f, {}).values())) for f in ("model.onnx", "model.cpu.onnx")]
+    if r.cpu_onnx is None:
+        return [kernels[0], "–", "–", "–"]
+    ms = lat[64]["onnxruntime_cpu_file_ms"]
+    return [" / ".join(kernels), f"{ms:.1f}", f"{fp32_b64 / ms:.2f}x", f"{100 * r.cpu_parity['onnx_top1_agreement']:.2f}"]
 
 
 def _ort_peer(out: Path, data, calib, fp32_model, args, fp32_b64: float) -> list:
@@ -133,18 +149,13 @@ def _ort_peer(out: Path, data, calib, fp32_model, args, fp32_b64: float) -> list
             times.append(1000 * (time.perf_counter() - t0))
         ms[b] = float(np.median(times))
     agree = dp.onnx_parity(fp32_model, dst, data.test)["onnx_top1_agreement"]  # against the FP32 model
+    from deploypipe.stages.export.cpu_layout import integer_kernels
     from deploypipe.stages.export.trt_lint import lint_onnx
 
     findings = lint_onnx(str(dst))
     return ["ORT quantize_static (peer, uint8 asymmetric)", f"{dst.stat().st_size / 1024:.0f}", "–", f"{ms[1]:.2f}",
             "–", f"{ms[64]:.1f}", f"{fp32_b64 / ms[64]:.2f}x", f"{100 * agree:.2f} (vs FP32)", "–", "–",
-            f"{len(findings)} findings"]
-
-
-def _has_trt() -> bool:
-    import importlib.util
-
-    return any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx"))
+            f"{len(findings)} findings", str(sum(integer_kernels(dst).values())), "–", "–", "–"]
 
 
 if __name__ == "__main__":

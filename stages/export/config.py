@@ -32,6 +32,10 @@ class ExportConfig(Schema):
     sparse_weights: Literal["auto", "on", "off"] = Field(
         "auto", description="let TensorRT pick 2:4 sparse kernels (SPARSE_WEIGHTS); auto = when the model records "
                             "2:4 layers")
+    cpu_file: bool = Field(
+        True, description="a quantized model also gets model.cpu.onnx for ONNX Runtime on x86 CPUs: the same Q/DQ "
+                          "without the Clips that keep INT8 codes off -128, so Conv fuses into QLinearConv (quantize "
+                          "with unsigned_activations for post-ReLU inputs to fuse too)")
     parity_images: int = Field(1000, ge=1, description="test images on which ONNX Runtime must agree with PyTorch")
     latency_repeats: int = Field(20, ge=1, description="timed forward passes per batch size (median reported)")
     name: Optional[str] = Field(None, description="the model's name in the bundle and the registry (default: "

@@ -24,6 +24,7 @@ from deploypipe import batches as B
 from deploypipe.onnx_export import export_onnx, onnx_parity
 
 from .config import ExportConfig
+from .cpu_layout import cpu_file, integer_kernels
 from .engine import build_engine, parser_errors, tensorrt_module
 from .trt_lint import Finding, lint_onnx
 
@@ -41,6 +42,9 @@ class ExportReport:
     engine_info: Optional[dict] = None
     latency: list[dict] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    cpu_onnx: Optional[Path] = None  # model.cpu.onnx (cpu_layout.py), for a quantized model
+    cpu_parity: dict[str, float] = field(default_factory=dict)
+    integer_kernels: dict[str, dict[str, int]] = field(default_factory=dict)  # file name -> {op: count} in ORT
 
 
 class HalfPrecision(nn.Module):
@@ -85,14 +89,18 @@ def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
 
 
 def measure_latency(model: nn.Module, onnx_path: Path, example: B.Batch, batches: list[int], repeats: int,
-                    threads: Optional[int] = None) -> list[dict]:
-    """Median ms per forward pass at each batch size: ONNX Runtime (CPU) on the file, PyTorch eager
-    on the model (CPU, inference mode, the same threads)."""
+                    threads: Optional[int] = None, cpu_path: Optional[Path] = None) -> list[dict]:
+    """Median ms per forward pass at each batch size: ONNX Runtime (CPU) on the file (and on
+    ``cpu_path``, the CPU layout, when given), PyTorch eager on the model (CPU, inference mode, the
+    same threads)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    cpu_session = (ort.InferenceSession(str(cpu_path), options, providers=["CPUExecutionProvider"])
+                   if cpu_path is not None else None)
     names = [i.name for i in session.get_inputs()]
     if any(p.device.type != "cpu" for p in model.parameters()):
         model = copy.deepcopy(model).cpu()
@@ -107,6 +115,8 @@ def measure_latency(model: nn.Module, onnx_path: Path, example: B.Batch, batches
             eager = _median_ms(lambda: B.call(model, batch), repeats)
         rows.append({"batch": b, "onnxruntime_ms": _median_ms(lambda: session.run(None, feeds), repeats),
                      "pytorch_eager_ms": eager})
+        if cpu_session is not None:
+            rows[-1]["onnxruntime_cpu_file_ms"] = _median_ms(lambda: cpu_session.run(None, feeds), repeats)
     model.train(was_training)
     return rows
 
@@ -150,9 +160,19 @@ def export(model: nn.Module, example: B.Batch | tuple[int, ...], out_dir: str | 
     report = ExportReport(onnx=path, findings=lint_onnx(path))
     for f in report.findings:
         log(f"TensorRT lint: {f}")
-    report.parity = onnx_parity(net, path, parity_data if parity_data is not None else [example],
-                                exact_images=min(cfg.parity_images, 1000))
-    report.latency = measure_latency(net, path, example, cfg.batch, cfg.latency_repeats)
+    parity_on = parity_data if parity_data is not None else [example]
+    report.parity = onnx_parity(net, path, parity_on, exact_images=min(cfg.parity_images, 1000))
+    report.integer_kernels[path.name] = integer_kernels(path)
+    if quantized and cfg.cpu_file:
+        report.cpu_onnx = out / "model.cpu.onnx"
+        dropped = cpu_file(path, report.cpu_onnx)
+        report.cpu_parity = onnx_parity(net, report.cpu_onnx, parity_on, exact_images=min(cfg.parity_images, 1000))
+        report.integer_kernels[report.cpu_onnx.name] = integer_kernels(report.cpu_onnx)
+        log(f"{report.cpu_onnx.name} for ONNX Runtime on CPUs ({dropped} grid Clips dropped): "
+            f"{_kernels(report.integer_kernels[report.cpu_onnx.name])} (model.onnx: "
+            f"{_kernels(report.integer_kernels[path.name])}); top-1 agreement with PyTorch "
+            f"{report.cpu_parity['onnx_top1_agreement']:.4f}")
+    report.latency = measure_latency(net, path, example, cfg.batch, cfg.latency_repeats, cpu_path=report.cpu_onnx)
     try:
         trt, backend = tensorrt_module(cfg.engine_backend)
     except ValueError:
@@ -161,7 +181,12 @@ def export(model: nn.Module, example: B.Batch | tuple[int, ...], out_dir: str | 
         trt = None
     if trt is not None:
         report.parser_errors = parser_errors(path, trt)
-    if cfg.wants_engine(trt is not None):
+    wants = cfg.wants_engine(trt is not None)
+    if wants and cfg.format == "auto" and (report.findings or report.parser_errors):
+        log(f"no TensorRT engine: {path.name} breaks TensorRT's rules ({len(report.findings)} lint findings, "
+            f"{len(report.parser_errors)} parser errors; format auto builds one only for a legal file)")
+        wants = False
+    if wants:
         if report.findings or report.parser_errors:
             problems = [str(f) for f in report.findings] + report.parser_errors
             raise ValueError(f"{path} breaks TensorRT's rules, no engine built: {'; '.join(problems)[:600]} — fix: "
@@ -179,14 +204,26 @@ def export(model: nn.Module, example: B.Batch | tuple[int, ...], out_dir: str | 
     return report
 
 
+def _kernels(ops: dict[str, int]) -> str:
+    return ", ".join(f"{n} {op}" for op, n in ops.items()) + " fused" if ops else "no integer kernels fused"
+
+
 def _metrics(r: ExportReport, quantized: bool) -> dict[str, float]:
     m = {k: float(v) for k, v in r.parity.items()}
+    m["ort_integer_kernels"] = float(sum(r.integer_kernels.get(r.onnx.name, {}).values()))
+    if r.cpu_onnx is not None:
+        m.update({f"cpu_file_{k}": float(v) for k, v in r.cpu_parity.items()})
+        m["cpu_file_ort_integer_kernels"] = float(sum(r.integer_kernels.get(r.cpu_onnx.name, {}).values()))
     m.update({"onnx_bytes": float(r.onnx.stat().st_size), "trt_lint_findings": float(len(r.findings)),
               "trt_parser_errors": float(len(r.parser_errors)), "quantized": float(quantized)})
     for row in r.latency:
         b = row["batch"]
         m[f"onnxruntime_ms_b{b}"], m[f"pytorch_eager_ms_b{b}"] = row["onnxruntime_ms"], row["pytorch_eager_ms"]
         m[f"onnxruntime_speedup_b{b}"] = row["pytorch_eager_ms"] / max(row["onnxruntime_ms"], 1e-9)
+        if "onnxruntime_cpu_file_ms" in row:
+            m[f"onnxruntime_cpu_file_ms_b{b}"] = row["onnxruntime_cpu_file_ms"]
+            m[f"onnxruntime_cpu_file_speedup_b{b}"] = (row["pytorch_eager_ms"]
+                                                       / max(row["onnxruntime_cpu_file_ms"], 1e-9))
     if r.engine_info:
         m["engine_bytes"] = float(r.engine_info["plan_bytes"])
         m["engine_build_seconds"] = float(r.engine_info["build_seconds"])

@@ -2,7 +2,8 @@
 (bundle.py) with the model's lineage and its certified accuracy when a certify stage ran before, and
 a registered MLflow model version (alias ``candidate``).
 
-Outputs: ``model.onnx``, ``trt_lint.csv`` (empty when clean), ``latency.csv``, ``engine.plan`` +
+Outputs: ``model.onnx``, ``model.cpu.onnx`` (a quantized model: the layout ONNX Runtime's x86 kernels
+fuse, cpu_layout.py), ``trt_lint.csv`` (empty when clean), ``latency.csv``, ``engine.plan`` +
 ``engine.json`` + ``build_log.txt`` (with an engine), ``bundle/`` (Triton model repository entries
 and ``model_card.md``). Commands: ``deploypipe export --check FILE.onnx`` (the TensorRT lint alone:
 exit 0 clean, 1 with the offending nodes) and ``deploypipe promote NAME VERSION --alias ALIAS``.
@@ -75,6 +76,14 @@ def run(ctx: StageContext, cfg: ExportConfig) -> StageResult:
               ("TensorRT quantization rules (lint)", not report.findings, f"{len(report.findings)} findings"),
               ("ONNX Runtime agrees with PyTorch", metrics.get("onnx_top1_agreement", 0) >= 0.999,
                f"top-1 agreement {metrics.get('onnx_top1_agreement', float('nan')):.4f} on {len(parity)} test images")]
+    if report.cpu_onnx is not None:
+        agree = report.cpu_parity.get("onnx_top1_agreement", float("nan"))
+        kernels = report.integer_kernels.get(report.cpu_onnx.name, {})
+        facts["ONNX Runtime CPU file"] = (f"{report.cpu_onnx.name}: {sum(kernels.values())} ops fused into integer "
+                                          f"kernels by ONNX Runtime (model.onnx: "
+                                          f"{sum(report.integer_kernels.get(report.onnx.name, {}).values())})")
+        checks.append(("ONNX Runtime agrees with PyTorch on model.cpu.onnx", agree >= 0.999,
+                       f"top-1 agreement {agree:.4f} on {len(parity)} test images"))
     if report.engine_info or report.parser_errors:
         checks.append(("TensorRT's ONNX parser", not report.parser_errors, "parses" if not report.parser_errors
                        else "; ".join(report.parser_errors)[:200]))

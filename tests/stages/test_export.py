@@ -239,3 +239,59 @@ def test_running_an_engine_needs_a_gpu():
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         EngineRunner(b"")
     assert tensorrt_module("auto")[1] in ("tensorrt", "tensorrt-rtx")
+
+
+# --------------------------------------------------------------------------- the ONNX Runtime CPU file
+def _clip_q_graph(lo_steps: float, hi_steps: float, zero_type=TensorProto.INT8) -> onnx.ModelProto:
+    """x -> Clip(lo * s, hi * s) -> Q(s, zero 0) -> DQ -> y, s = 0.1."""
+    inits = [numpy_helper.from_array(np.array(lo_steps * 0.1, np.float32), "lo"),
+             numpy_helper.from_array(np.array(hi_steps * 0.1, np.float32), "hi"),
+             numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             helper.make_tensor("z", zero_type, [], [0])]
+    nodes = [helper.make_node("Clip", ["x", "lo", "hi"], ["c"], name="clip"),
+             helper.make_node("QuantizeLinear", ["c", "s", "z"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="dq")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("lo, hi, zero_type, dropped", [(-127, 127, TensorProto.INT8, 1), (-7, 7, TensorProto.INT8, 0),
+                                                         (0, 127, TensorProto.UINT8, 0)])
+def test_the_cpu_file_drops_only_the_int8_grid_clip_and_moves_only_the_lowest_code(tmp_path, lo, hi, zero_type,
+                                                                                  dropped):
+    import onnxruntime as ort
+
+    from deploypipe.stages.export.cpu_layout import cpu_file
+
+    onnx.save(_clip_q_graph(lo, hi, zero_type), str(tmp_path / "a.onnx"))
+    assert cpu_file(tmp_path / "a.onnx", tmp_path / "b.onnx") == dropped
+    assert sum(n.op_type == "Clip" for n in onnx.load(str(tmp_path / "b.onnx")).graph.node) == 1 - dropped
+    x = np.array([-20.0, -12.76, -12.74, -3.33, 0.04, 13.0], np.float32)  # in steps of 0.1: -200, -127.6, -127.4, ...
+    a, b = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for f in ("a.onnx", "b.onnx"))
+    if dropped:  # the full INT8 container: below -127.5 steps the code is -128, not -127; all else equal
+        np.testing.assert_allclose(a, [-12.7, -12.7, -12.7, -3.3, 0.0, 12.7], rtol=1e-6)
+        np.testing.assert_allclose(b, [-12.8, -12.8, -12.7, -3.3, 0.0, 12.7], rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_cpu_file_lets_onnx_runtime_fuse_a_quantized_resnet(tmp_path):
+    """A ResNet quantized with unsigned post-ReLU inputs: ONNX Runtime fuses the convolutions of
+    model.cpu.onnx into QLinearConv (not those of the TensorRT file), and both agree with PyTorch."""
+    from deploypipe.zoo import resnet20
+
+    torch.manual_seed(0)
+    model = resnet20(num_classes=10).eval()
+    q, _ = dp.quantize(model, torch.rand(64, 3, 16, 16), dp.QuantizeConfig(weight_bits=8, act_bits=8, method="rtn",
+                                                                           unsigned_activations=True))
+    out = dp.export(q, (3, 16, 16), tmp_path, dp.ExportConfig(format="auto", batch=[4]),
+                    parity_data=[torch.rand(64, 3, 16, 16)])
+    # UINT8 activations break TensorRT's rules: format auto (TensorRT-RTX installed) skips the engine, no error
+    assert out.findings and out.engine is None and not (tmp_path / "engine.plan").exists()
+    assert out.cpu_onnx == tmp_path / "model.cpu.onnx" and out.cpu_onnx.is_file()
+    fused = out.integer_kernels["model.cpu.onnx"].get("QLinearConv", 0)
+    assert fused >= 18 > out.integer_kernels["model.onnx"].get("QLinearConv", 0), out.integer_kernels
+    assert out.cpu_parity["onnx_top1_agreement"] >= 0.98 and out.metrics["cpu_file_ort_integer_kernels"] >= 18
+    assert "onnxruntime_cpu_file_ms" in out.latency[0]
