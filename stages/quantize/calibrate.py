@@ -70,30 +70,25 @@ class CacheStats:
 
 
 class _Captured(Exception):
-    """Raised by the capture hook to stop a forward pass once the layer's tensors are in hand."""
+    """Raised by the recording hook to stop a forward pass once the layer's tensors are in hand."""
 
 
 @torch.no_grad()
-def capture(model: nn.Module, module_name: str, batches: Callable[[], Iterable[Batch]],
-            want_output: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Inputs (and outputs) of one submodule over all calibration batches (any batch a model takes:
-    deploypipe.batches). The forward pass stops at the submodule (the layers after it are not run)
-    once the first batch has shown that it is called once per pass; a submodule called several times
-    (shared) sees whole passes and every call is kept."""
-    module = model.get_submodule(module_name)
-    xs, ys = [], []
-    calls = [0]
-    stop = [False]
+def run_until(model: nn.Module, module_name: str, batches: Callable[[], Iterable[Batch]],
+              record: Callable[[tuple, torch.Tensor], None]) -> None:
+    """Run every batch through ``model`` (eval mode); ``record(inputs, output)`` sees each call of the
+    submodule. A pass stops at the submodule (the layers after it are not run) once the first batch
+    has shown that it is called once per pass; a submodule called several times (shared) sees whole
+    passes."""
+    calls, stop = [0], [False]
 
-    def hook(_m, inputs, output):  # clones: an in-place op downstream (ReLU(inplace=True)) would change them
-        xs.append(inputs[0].detach().clone())
-        if want_output:
-            ys.append(output.detach().clone())
+    def hook(_m, inputs, output):
+        record(inputs, output)
         calls[0] += 1
         if stop[0]:
             raise _Captured
 
-    handle = module.register_forward_hook(hook)
+    handle = model.get_submodule(module_name).register_forward_hook(hook)
     try:
         model.eval()
         for i, batch in enumerate(batches()):
@@ -105,6 +100,21 @@ def capture(model: nn.Module, module_name: str, batches: Callable[[], Iterable[B
                 stop[0] = calls[0] == 1  # called once per pass: later passes can stop right there
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def capture(model: nn.Module, module_name: str, batches: Callable[[], Iterable[Batch]],
+            want_output: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Inputs (and outputs) of one submodule over all calibration batches (any batch a model takes:
+    deploypipe.batches), every call kept; each pass stops at the submodule (``run_until``)."""
+    xs, ys = [], []
+
+    def record(inputs, output):  # clones: an in-place op downstream (ReLU(inplace=True)) would change them
+        xs.append(inputs[0].detach().clone())
+        if want_output:
+            ys.append(output.detach().clone())
+
+    run_until(model, module_name, batches, record)
     return torch.cat(xs), (torch.cat(ys) if want_output else None)
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from deploypipe.batches import Batch, batch_size, call, output_tensor
 from deploypipe.progress import progress
 
+from .calibrate import run_until
 from .mixed_precision import calibration_kl, divergence
 from .modules import QuantLayer
 
@@ -49,39 +50,20 @@ def bn_affine(model: nn.Module, pairs: list[list[str]]) -> dict[str, tuple[torch
             for conv, bn in pairs}
 
 
-class _Seen(Exception):
-    """Raised by the statistics hook to end a forward pass at the layer (what follows is not needed)."""
-
-
 @torch.no_grad()
 def output_stats(model: nn.Module, name: str,
                  batches: Callable[[], Iterable[Batch]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (population) std of a module's output over all batches, streamed. Each
-    pass stops at the module once the first batch has shown that it is called once per pass."""
+    """Per-channel mean and (population) std of a module's output over all batches, streamed; each
+    pass stops at the module (``run_until``)."""
     acc = {}
-    calls, stop = [0], [False]
 
-    def hook(_m, _i, out):
+    def record(_inputs, out):
         o = out.detach().double().transpose(0, 1).reshape(out.shape[1], -1)
         acc["n"] = acc.get("n", 0) + o.shape[1]
         acc["s"] = acc.get("s", 0) + o.sum(1)
         acc["ss"] = acc.get("ss", 0) + (o * o).sum(1)
-        calls[0] += 1
-        if stop[0]:
-            raise _Seen
 
-    h = model.get_submodule(name).register_forward_hook(hook)
-    try:
-        model.eval()
-        for i, batch in enumerate(batches()):
-            try:
-                call(model, batch)
-            except _Seen:
-                pass
-            if i == 0:
-                stop[0] = calls[0] == 1
-    finally:
-        h.remove()
+    run_until(model, name, batches, record)
     mean = acc["s"] / acc["n"]
     var = (acc["ss"] / acc["n"] - mean**2).clamp_min(0)
     return mean.float(), var.sqrt().float()
