@@ -115,14 +115,14 @@ def main() -> None:
                "ACR", "ACR vs clean (paired ± SE)", "rounds", "quantize s"]
     table.append(["—", "FP32", "1.000", "32", f"{100 * fp_top1:.2f}%", f"{100 * fp_cert['ca0.25']:.1f}%",
                   f"{100 * fp_cert['ca0.5']:.1f}%", f"{fp_cert['acr']:.3f}", "", "", ""])
-    headline_diffs = []
+    headline_diffs, agreement = [], []
     for budget in args.budgets:
         base = dict(weight_bits=8, act_bits=8, method="rtn", bit_candidates=candidates, budget=budget,
                     calib_noise_sigma=args.sigma, export_onnx=False, sigma=args.sigma,
                     selection_images=args.selection_images, selection_n=args.selection_n)
         variants = {"clean": {}, "noisy": {"sensitivity": "noisy"},
                     "constrained": {"sensitivity": "noisy", "max_acr_loss": args.max_acr_loss}}
-        results = {}
+        results, layers = {}, {}
         for name, extra in variants.items():
             tag = f"-loss{args.max_acr_loss}" if name == "constrained" else ""
             cell = out / f"{name}{tag}-b{budget}.cell.json"  # a finished cell is read back on a rerun
@@ -138,10 +138,11 @@ def main() -> None:
                 certify(q, f"{name}{tag}-b{budget}")
                 c = {"size": rep.metrics["size_fraction_of_fp32"], "avg_bits": rep.metrics["ip_average_bits"],
                      "top1": top1, "seconds": seconds, "rounds": rep.robust_rounds,
-                     "selection_fp_acr": rep.metrics.get("selection_fp_acr")}
+                     "selection_fp_acr": rep.metrics.get("selection_fp_acr"), "layers": rep.bit_allocation}
                 cell.write_text(json.dumps(c))
             cert = summary(certify(None, f"{name}{tag}-b{budget}")["rows"])
             results[name] = cert
+            layers[name] = c.get("layers")
             diff = ("" if name == "clean" else
                     "{:+.4f} ± {:.4f}".format(*paired(cert["radii"], results["clean"]["radii"])))
             if name != "clean":
@@ -157,11 +158,19 @@ def main() -> None:
                     f"Re-solve rounds at budget {budget:g} (selection subset: {args.selection_images} training "
                     f"images outside the calibration set, n = {args.selection_n}; FP32 selection ACR "
                     f"{c['selection_fp_acr']:.3f})"))
+        if layers.get("clean") and layers.get("noisy"):
+            agreement.append(_agreement(budget, layers["clean"], layers["noisy"], candidates))
     print(markdown_table(columns, table, f"{type(fp).__name__} from {args.model}, sigma = {args.sigma}: {len(test)} "
                                          f"test images (every {step}-th), n = {args.n}, n0 = {args.n0}, "
                                          f"alpha = {args.alpha}; {args.calib_size} calibration images"))
     for note in notes:
         print(note)
+    if agreement:
+        print(markdown_table(
+            ["budget", "Spearman rho, all (layer, bits) deltas", "rho per candidate (layers ranked)",
+             "layers whose bits differ", "program layers"], agreement,
+            "Do the noisy deltas rank the choices differently from the clean ones? (the program's objective is the "
+            "sum of the chosen deltas, so equal rankings give the same allocation)"))
     print("ACR vs clean: the mean over the same test images (same noise) of the radius difference, 0 when not "
           "certified correct, with its standard error. Size: deployed storage (storage_bytes: weights at "
           "their bits with their 32-bit scales, every other parameter and buffer at its dtype) as a fraction of FP32.")
@@ -169,6 +178,21 @@ def main() -> None:
     report.finish(headline=f"robustness-aware bit allocation ({len(test)} test images, n = {args.n}), ACR minus the "
                            f"clean-KL choice's: {'; '.join(parts)} (constrained: ACR loss <= {args.max_acr_loss} on "
                            "the selection subset, may grow the size)")
+
+
+def _agreement(budget: float, clean: list[dict], noisy: list[dict], candidates: list[int]) -> list:
+    """Rank agreement of the clean and noisy delta tables, and how many layers the two choices differ on."""
+    from scipy.stats import spearmanr
+
+    from deploypipe.stages.quantize.mixed_precision import precision_label
+
+    keys = [f"dloss_{precision_label(b)}" for b in candidates]
+    a = [row[k] for row in clean for k in keys]
+    b = [row[k] for row in noisy for k in keys]
+    per = ", ".join(f"{precision_label(bits)}-bit {spearmanr([r[k] for r in clean], [r[k] for r in noisy])[0]:.3f}"
+                    for bits, k in zip(candidates, keys) if bits != max(candidates))  # top: delta ~0 everywhere
+    differ = sum(c["bits"] != n["bits"] for c, n in zip(clean, noisy))
+    return [f"{budget:g}", f"{spearmanr(a, b)[0]:.3f}", per, str(differ), str(len(clean))]
 
 
 if __name__ == "__main__":
