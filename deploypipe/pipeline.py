@@ -297,7 +297,7 @@ class Pipeline:
             if i >= skipped and sdef.preflight is not None:
                 before = self.stage_defs[:i]
                 try:
-                    sdef.preflight(typed, Preflight(entry.id, self.data, model, self.record if model else None,
+                    sdef.preflight(typed, Preflight(entry.id, self.data, model, self.record if model is not None else None,
                                                     [e.stage for e, _, _ in before],
                                                     [self.out_dir / e.id for e, _, _ in before]))
                 except (ValueError, TypeError) as err:

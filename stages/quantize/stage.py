@@ -80,9 +80,8 @@ def preflight(cfg: QuantizeConfig, pre: Preflight) -> None:
     architecture and no N:M sparsity or quantization comes in between)."""
     if cfg.certified_constraint() is not None:
         _check_selection_size(len(pre.data.held_out(cfg.selection_images, 0)))
-    if pre.model is None or cfg.bit_candidates is None or {"sparsify", "quantize"} & set(pre.earlier_stages):
-        return
-    if any(t.get("kind") == "quantize" for t in pre.record.transforms):
+    if (pre.model is None or {"sparsify", "quantize"} & set(pre.earlier_stages)
+            or any(t.get("kind") == "quantize" for t in pre.record.transforms)):
         return
     calib = pre.data.calib.images[:cfg.calib_batch_size]
     check_budget(pre.model, pre.data.calib.as_float(calib), cfg, _sparse_layers(pre.record))
