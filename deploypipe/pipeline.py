@@ -296,9 +296,9 @@ class Pipeline:
         for i, (entry, sdef, typed) in enumerate(self.stage_defs):
             if i >= skipped and sdef.preflight is not None:
                 before = self.stage_defs[:i]
+                record = self.record if model is not None else None
                 try:
-                    sdef.preflight(typed, Preflight(entry.id, self.data, model, self.record if model is not None else None,
-                                                    [e.stage for e, _, _ in before],
+                    sdef.preflight(typed, Preflight(entry.id, self.data, model, record, [e.stage for e, _, _ in before],
                                                     [self.out_dir / e.id for e, _, _ in before]))
                 except (ValueError, TypeError) as err:
                     if InputError.is_for_user(err):
