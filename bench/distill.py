@@ -11,7 +11,13 @@ fraction; whether the smaller teacher wins at the smallest fraction.
 
     python bench/distill.py --teacher runs/r20/train/model --data imagefolder:../shared/data/cifar10 \\
         [--fractions 0.1,0.3,0.5,0.7] [--scores random,el2n,forgetting] [--epochs 15] \\
-        [--small-teacher MODEL] [--report docs/benchmarks/distill.md]
+        [--small-teacher MODEL] [--reference run|teacher] [--report docs/benchmarks/distill.md]
+
+``--reference teacher``: the full-data row is the teacher's own ``deploypipe train`` run instead of a
+new one, allowed only when that run used this benchmark's recipe (epochs, batch, optimizer, learning
+rate and schedule, weight decay, augmentation, data): a distill with KD weight 0 on all the data is
+the same training (tests/stages/test_distill.py checks it bit for bit against the Trainer), from
+another initialisation. It saves the longest cell on a CPU.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/bench-distill")
+    ap.add_argument("--reference", choices=("run", "teacher"), default="run",
+                    help="the full-data row: a new run, or the teacher's own training when its recipe is this one")
     add_report_argument(ap)
     args = ap.parse_args()
     report = Report(args.report, "Distill: data pruning with knowledge distillation, CIFAR-10 ResNet-20").start()
@@ -48,7 +56,10 @@ def main() -> None:
     common = ["--model", args.teacher, "--student", args.student, "--data", args.data, "--epochs", str(args.epochs),
               "--lr", str(args.lr)]
     cells = {}
-    full = run_deploypipe("distill", "full-data", common + ["--keep", "1", "--kd-weight", "0"], out, args.threads)
+    if args.reference == "teacher":
+        full = _teacher_as_reference(args)
+    else:
+        full = run_deploypipe("distill", "full-data", common + ["--keep", "1", "--kd-weight", "0"], out, args.threads)
     teacher_top1 = full["teacher_test_top1"]
     for score in args.scores.split(","):
         for f in fractions:
@@ -65,7 +76,8 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({"args": vars(args), "full": full, "small": small,
                                                   "cells": {"|".join(map(str, k)): v for k, v in cells.items()}},
                                                  indent=2, default=str))
-    rows = [["all data, no KD", "–", f"{100 * full['test_top1']:.2f}", "–", "–", f"{full['wall_seconds']:.0f}"]]
+    reference = "all data, no KD" + (" (the teacher's own training)" if args.reference == "teacher" else "")
+    rows = [[reference, "–", f"{100 * full['test_top1']:.2f}", "–", "–", f"{full['wall_seconds']:.0f}"]]
     for score in args.scores.split(","):
         for f in fractions:
             kd, plain = cells[score, f, "auto"], cells[score, f, "0"]
@@ -86,6 +98,45 @@ def main() -> None:
         headline = (f"random 50% + KD: {100 * cells['random', 0.5, 'auto']['test_top1']:.2f}% against "
                     f"{100 * full['test_top1']:.2f}% on all data without KD ({100 * gap:+.2f} pt, target >= -0.5)")
     report.finish(headline=headline or None)
+
+
+def _teacher_as_reference(args) -> dict:
+    """The teacher's train-stage run as the full-data, no-KD row: its test top-1 and wall time, after
+    checking that it trained with this benchmark's recipe."""
+    import yaml
+
+    from deploypipe.stages.distill.config import DistillConfig
+
+    stage_dir = Path(args.teacher).resolve().parent
+    config, result = stage_dir / "config.yaml", stage_dir / "result.json"
+    pipeline = stage_dir.parent / "pipeline.yaml"
+    if not (config.is_file() and result.is_file() and pipeline.is_file()):
+        raise SystemExit(f"--reference teacher: {stage_dir} is not a train stage's output folder (config.yaml, "
+                         "result.json, ../pipeline.yaml) — fix: use --reference run")
+    train = (yaml.safe_load(config.read_text()) or {}).get("train")
+    if train is None:
+        raise SystemExit(f"--reference teacher: {stage_dir} holds no train stage — fix: use --reference run")
+    want = DistillConfig(keep=[1.0], epochs=args.epochs, lr=args.lr)
+    recipe = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "label_smoothing",
+              "augment", "channels_last")
+    differ = [k for k in recipe if train.get(k) != getattr(want, k)]
+    differ += [k for k in ("noise_sigma", "consistency", "warmup_epochs") if train.get(k)]
+    source = (yaml.safe_load(pipeline.read_text()) or {}).get("data", {}).get("source", "")
+
+    def where(spec: str) -> str:
+        kind, _, path = spec.partition(":")
+        return f"{kind}:{Path(path).resolve()}" if path else spec
+
+    if where(source) != where(args.data):
+        differ.append(f"data ({source})")
+    if differ:
+        raise SystemExit(f"--reference teacher: the teacher was trained with another recipe ({', '.join(differ)}) "
+                         "— fix: use --reference run")
+    metrics = json.loads(result.read_text())["metrics"]
+    print(f"  full-data: the teacher's own training ({metrics['test_top1']:.4f} top-1, "
+          f"{metrics['train_seconds']:.0f} s)", flush=True)
+    return {"test_top1": metrics["test_top1"], "teacher_test_top1": metrics["test_top1"],
+            "wall_seconds": metrics["train_seconds"], "score_seconds": 0.0}
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ def main() -> None:
     columns = ["model", "ONNX KiB", "PyTorch eager b1 ms", "ONNX Runtime b1 ms", "PyTorch eager b64 ms",
                "ONNX Runtime b64 ms", "ORT b64 throughput / eager FP32", "ORT top-1 agreement %",
                "TensorRT-RTX build s", "engine KiB", "TensorRT lint", "ORT integer kernels (model.onnx / .cpu.onnx)",
-               "model.cpu.onnx b64 ms", "cpu file b64 throughput / eager FP32", "cpu file top-1 agreement %"]
+               "model.cpu.onnx KiB", "model.cpu.onnx b64 ms", "cpu file b64 throughput / eager FP32",
+               "cpu file top-1 agreement %"]
     print(markdown_table(columns, rows, f"`{args.model}` on `{args.data}`, {len(data.test)} test images, "
                                         f"{args.threads} CPU threads, median of {args.repeats} passes"))
     print("Quantized rows: round-to-nearest with MSE ranges, first and last layer 8-bit; W4A8's 4-bit weights ship "
@@ -89,16 +90,18 @@ def main() -> None:
     print("Peer row: ONNX Runtime's own `quantize_static` on the FP32 file (QDQ format, per-channel int8 weights, "
           "asymmetric uint8 activations calibrated on the same 1,024 images, a Q after every op): the layout ONNX "
           "Runtime's x86 kernels fuse into QLinearConv/QLinearAdd. TensorRT refuses it (non-zero zero points, "
-          "`deploypipe export --check` names the nodes). Our files put symmetric int8 Q/DQ on layer inputs as "
-          "TensorRT wants (Clip, ReLU and Add sit between a Conv and the next Q), so ONNX Runtime fuses few of them "
-          "and runs the rest in float with Q/DQ around it.")
+          "`deploypipe export --check` names the nodes). Our TensorRT files (model.onnx) put symmetric int8 Q/DQ on "
+          "layer inputs as TensorRT wants (Clip, ReLU and Add sit between a Conv and the next Q), so ONNX Runtime "
+          "fuses few of them and runs the rest in float with Q/DQ around it.")
     print("`W8A8 unsigned`: quantized with `unsigned_activations` (post-ReLU inputs on the UINT8 grid [0, 255], "
-          "zero point 0, so ONNX Runtime drops the ReLU in front of their Q). model.cpu.onnx: the export stage's "
-          "file for ONNX Runtime on CPUs, the same Q/DQ without the Clips that keep INT8 codes off -128 "
-          "(stages/export/cpu_layout.py); TensorRT's file is model.onnx.")
+          "zero point 0, so ONNX Runtime drops the ReLU in front of their Q; a residual add's identity-shortcut "
+          "input on the grid of the conv that reads the same tensor, so the add fuses into QLinearAdd). "
+          "model.cpu.onnx: the export stage's file for ONNX Runtime on CPUs, the same Q/DQ without the Clips that "
+          "keep INT8 codes off -128, one Q/DQ where the exporter wrote two identical ones, INT8 weight "
+          "initializers (stages/export/cpu_layout.py); TensorRT's file is model.onnx.")
     int8, cpu = next(r for r in rows if r[0] == "W8A8"), next(r for r in rows if r[0] == "W8A8 unsigned")
-    report.finish(headline=f"W8A8 in ONNX Runtime on the CPU at batch 64: {cpu[13]} PyTorch eager FP32 throughput "
-                           f"with model.cpu.onnx of the unsigned-activation model (agreement {cpu[14]}%), {int8[6]} "
+    report.finish(headline=f"W8A8 in ONNX Runtime on the CPU at batch 64: {cpu[14]} PyTorch eager FP32 throughput "
+                           f"with model.cpu.onnx of the unsigned-activation model (agreement {cpu[15]}%), {int8[6]} "
                            f"with the TensorRT-layout file (target 2x, agreement >= 99.9%)")
 
 
@@ -106,9 +109,10 @@ def _cpu_columns(r, lat: dict, fp32_b64: float) -> list[str]:
     """Integer kernels ONNX Runtime fused, and the CPU file's latency and agreement (quantized rows)."""
     kernels = [str(sum(r.integer_kernels.get(f, {}).values())) for f in ("model.onnx", "model.cpu.onnx")]
     if r.cpu_onnx is None:
-        return [kernels[0], "–", "–", "–"]
+        return [kernels[0], "–", "–", "–", "–"]
     ms = lat[64]["onnxruntime_cpu_file_ms"]
-    return [" / ".join(kernels), f"{ms:.1f}", f"{fp32_b64 / ms:.2f}x", f"{100 * r.cpu_parity['onnx_top1_agreement']:.2f}"]
+    return [" / ".join(kernels), f"{r.cpu_onnx.stat().st_size / 1024:.0f}", f"{ms:.1f}", f"{fp32_b64 / ms:.2f}x",
+            f"{100 * r.cpu_parity['onnx_top1_agreement']:.2f}"]
 
 
 def _ort_peer(out: Path, data, calib, fp32_model, args, fp32_b64: float) -> list:
@@ -155,7 +159,7 @@ def _ort_peer(out: Path, data, calib, fp32_model, args, fp32_b64: float) -> list
     findings = lint_onnx(str(dst))
     return ["ORT quantize_static (peer, uint8 asymmetric)", f"{dst.stat().st_size / 1024:.0f}", "–", f"{ms[1]:.2f}",
             "–", f"{ms[64]:.1f}", f"{fp32_b64 / ms[64]:.2f}x", f"{100 * agree:.2f} (vs FP32)", "–", "–",
-            f"{len(findings)} findings", str(sum(integer_kernels(dst).values())), "–", "–", "–"]
+            f"{len(findings)} findings", str(sum(integer_kernels(dst).values())), "–", "–", "–", "–"]
 
 
 if __name__ == "__main__":

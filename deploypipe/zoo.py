@@ -127,6 +127,11 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
+def resnet8(num_classes: int = 10, in_channels: int = 3, mean=CIFAR_MEAN, std=CIFAR_STD) -> nn.Module:
+    """One block per stage: the small teacher / student of the data-pruning and KD literature."""
+    return CifarResNet(8, num_classes, in_channels, mean, std)
+
+
 def resnet20(num_classes: int = 10, in_channels: int = 3, mean=CIFAR_MEAN, std=CIFAR_STD) -> nn.Module:
     return CifarResNet(20, num_classes, in_channels, mean, std)
 
@@ -206,6 +211,7 @@ def vit_tiny(num_classes: int = 10, in_channels: int = 3, mean=CIFAR_MEAN, std=C
 
 ZOO: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": digits_cnn,
+    "resnet8": resnet8,
     "resnet20": resnet20,
     "resnet56": resnet56,
     "resnet110": resnet110,

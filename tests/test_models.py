@@ -33,6 +33,16 @@ def test_cifar_resnets_match_the_paper(name, params, depth):
     assert m(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_resnet8_is_one_block_per_stage():
+    # by hand: stem conv 3*16*9; blocks (cin*cout + cout*cout)*9 for 16->16, 16->32, 32->64;
+    # BatchNorm (gamma, beta) after the stem and each of the 6 block convs; the 64->10 classifier
+    convs = 3 * 16 * 9 + sum((cin * cout + cout * cout) * 9 for cin, cout in ((16, 16), (16, 32), (32, 64)))
+    norms = 2 * (16 + 2 * 16 + 2 * 32 + 2 * 64)
+    m = ZOO["resnet8"]()
+    assert count_parameters(m) == convs + norms + 64 * 10 + 10 == 75_290
+    assert resnet_depth(m) == 8 and m(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_vit_tokens_and_output():
     m = ZOO["vit_tiny"](num_classes=7, image_size=32, patch=4)
     assert m.pos_embed.shape[1] == 8 * 8 + 1

@@ -34,8 +34,9 @@ class ExportConfig(Schema):
                             "2:4 layers")
     cpu_file: bool = Field(
         True, description="a quantized model also gets model.cpu.onnx for ONNX Runtime on x86 CPUs: the same Q/DQ "
-                          "without the Clips that keep INT8 codes off -128, so Conv fuses into QLinearConv (quantize "
-                          "with unsigned_activations for post-ReLU inputs to fuse too)")
+                          "without the Clips that keep INT8 codes off -128, one of each identical Q/DQ pair, INT8 "
+                          "weights, so Conv fuses into QLinearConv (quantize with unsigned_activations for "
+                          "post-ReLU inputs and residual adds to fuse too)")
     parity_images: int = Field(1000, ge=1, description="test images on which ONNX Runtime must agree with PyTorch")
     latency_repeats: int = Field(20, ge=1, description="timed forward passes per batch size (median reported)")
     name: Optional[str] = Field(None, description="the model's name in the bundle and the registry (default: "

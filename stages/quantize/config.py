@@ -32,7 +32,10 @@ class QuantizeConfig(Schema):
     matmul_bits: Optional[int] = Field(
         8, ge=2, le=8,
         description="bits of both inputs of activation matmuls (attention); null = float; only with act_bits")
-    unsigned_activations: bool = Field(False, description="unsigned grids for non-negative inputs (not for TensorRT)")
+    unsigned_activations: bool = Field(
+        False, description="unsigned grids for non-negative inputs, and a residual add's input on the grid of the "
+                           "conv that reads the same tensor: the layout ONNX Runtime's x86 integer kernels fuse "
+                           "(not for TensorRT)")
     include: list[str] = Field(["*"], description="glob patterns of layer names to quantize")
     exclude: list[str] = Field([], description="glob patterns of layer names to keep in floating point")
     iters: int = Field(250, ge=1, description="AdaQuant steps per layer (at most: see patience)")

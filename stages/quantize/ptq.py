@@ -36,7 +36,7 @@ from .mixed_precision import (assemble, cost_table, layer_macs, measure_deltas, 
 from .modules import QuantLayer, conv_bn_pairs, fold_batchnorm, quantizable_layers, select_layers, wrap_layers
 from .quantizer import FP16
 from .robust_allocation import Constraint, NoFeasibleChoice, Robustness, certify_subset, search
-from .tensor_ops import insert_tensor_quantizers, set_enabled
+from .tensor_ops import insert_tensor_quantizers, set_enabled, share_input_grids
 from .tuning import bn_affine, guarded_reestimate_bn, tune_biases
 
 Measure = Callable[[nn.Module], dict[str, float]]
@@ -268,6 +268,9 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
     if calibrated:
         log(f"{len(calibrated)} quantizers on residual-add / attention-matmul inputs "
             f"({cfg.residual_bits} / {cfg.matmul_bits} bits)")
+    if cfg.unsigned_activations and share_input_grids(q, tensor_quant):
+        log(f"{sum(r.get('signed') is False for r in tensor_quant)} residual-add inputs share the unsigned input "
+            "grid of the layer that reads the same tensor")
     measured("fp_", fp)
     measured("rtn_", q)
     if cfg.method == "adaquant":
@@ -277,6 +280,7 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
         metrics["cache_peak_mb"] = stats.peak_bytes / 2**20
         metrics["cache_subsampled_layers"] = float(len(stats.subsampled_layers))
         metrics["adaquant_seconds"] = time.perf_counter() - t_step
+        share_input_grids(q, tensor_quant)  # AdaQuant moved the layers' input scales
         measured("adaquant_", q)
     if cfg.bit_candidates:
         free = _free(cfg, chosen, names)
@@ -284,6 +288,7 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
                                                                                   sigma=cfg.sigma, stream="sensitivity")
         q = _mixed_precision(cfg, fp, q, free, plan, batches, sensing, example, seed, report,
                              timed if evaluate else None, selection, log, show_progress)
+        share_input_grids(q, tensor_quant)
         measured("mixed_", q)
     if cfg.bn_tuning:
         t_step = time.perf_counter()

@@ -21,6 +21,13 @@ floating point; the stage says so in its log.
 
 The quantizers are named after the fx node they feed (``tq_<node>_in<i>``), so tracing the same
 architecture again yields the same names: that is how a saved model is rebuilt.
+
+A residual add's input that is also a Conv/Linear layer's input (a block's input ``x`` in
+``conv1(x) ... + x``) records that layer as ``shares``. With unsigned grids (a CPU target),
+``share_input_grids`` puts that add input on the layer's own unsigned input grid: one quantizer on
+the tensor instead of two, so the exported graph has one QuantizeLinear there, the ReLU in front of
+it is redundant, and ONNX Runtime fuses the add into a ``QLinearAdd``. (TensorRT's layout keeps the
+signed per-add grid.)
 """
 
 from __future__ import annotations
@@ -48,9 +55,11 @@ class ActQuant(nn.Module):
     passes it through (the FP reference model carries disabled copies, so calibration can hook
     them)."""
 
-    def __init__(self, bits: Optional[int], signed: bool = True, enabled: bool = True):
+    def __init__(self, bits: Optional[int], signed: bool = True, enabled: bool = True,
+                 shares: Optional[str] = None):
         super().__init__()
         self.bits, self.signed, self.enabled = bits, signed, enabled
+        self.shares = shares  # the layer whose input is the same tensor (see share_input_grids)
         self.scale = nn.Parameter(torch.ones(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +70,8 @@ class ActQuant(nn.Module):
         return fake_quant(x, self.scale, self.bits, self.signed)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed}, enabled={self.enabled}"
+        return f"bits={self.bits}, signed={self.signed}, enabled={self.enabled}" + \
+            (f", shares={self.shares}" if self.shares else "")
 
 
 class QuantAttention(nn.Module):
@@ -123,6 +133,21 @@ def _kind(node: torch.fx.Node) -> Optional[str]:
     return kind
 
 
+def _layer_user(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Optional[str]:
+    """The first Conv2d/Linear module (by graph order) that takes ``node``'s tensor as its input
+    (looking through identity modules, e.g. a ResNet block's ``shortcut = nn.Identity()``)."""
+    while node.op == "call_module" and node.args and isinstance(node.args[0], torch.fx.Node):
+        module = gm.get_submodule(node.target)
+        if not (isinstance(module, nn.Identity) or (isinstance(module, nn.Sequential) and len(module) == 0)):
+            break
+        node = node.args[0]
+    for user in node.users:
+        if user.op == "call_module" and user.args and user.args[0] is node and \
+                isinstance(gm.get_submodule(user.target), (nn.Conv2d, nn.Linear)):
+            return str(user.target)
+    return None
+
+
 def insert_tensor_quantizers(model: nn.Module, input_shape: tuple[int, ...], residual_bits: Optional[int],
                              matmul_bits: Optional[int], enabled: bool = True,
                              expected: Optional[list[dict]] = None) -> tuple[nn.Module, list[dict]]:
@@ -130,8 +155,9 @@ def insert_tensor_quantizers(model: nn.Module, input_shape: tuple[int, ...], res
     from shape arithmetic) and put quantizers before the inputs of its residual adds and activation
     matmuls (see the module docstring). Returns the new model (a GraphModule, or ``model`` itself
     when nothing is inserted or fx cannot trace it) and one record per inserted module:
-    ``{"name", "op", "bits"}``. With ``expected`` (records from a saved model), the insertion must
-    reproduce exactly those names."""
+    ``{"name", "op", "bits"}``, plus ``"shares"`` (an add input that is also a layer's input: that
+    layer's name). With ``expected`` (records from a saved model), the insertion must reproduce
+    exactly those names, and takes their ``signed`` (share_input_grids) as saved."""
     if not residual_bits and not matmul_bits:
         return model, []
     try:
@@ -166,12 +192,18 @@ def insert_tensor_quantizers(model: nn.Module, input_shape: tuple[int, ...], res
             records.append({"name": name, "op": kind, "bits": bits})
             continue
         args = list(node.args)
+        saved = {r["name"]: r for r in expected or []}
         for i in (0, 1):
             name = f"tq_{node.name}_in{i}"
-            gm.add_submodule(name, ActQuant(bits, enabled=enabled))
+            record = {"name": name, "op": kind, "bits": bits}
+            shares = _layer_user(gm, args[i]) if kind == "add" else None
+            if shares:
+                record["shares"] = shares
+            signed = saved.get(name, {}).get("signed", True)
+            gm.add_submodule(name, ActQuant(bits, signed=signed, enabled=enabled, shares=shares))
             with graph.inserting_before(node):
                 args[i] = graph.call_module(name, (args[i],))
-            records.append({"name": name, "op": kind, "bits": bits})
+            records.append(record)
         node.args = tuple(args)
     if not records:
         return model, []
@@ -186,6 +218,27 @@ def insert_tensor_quantizers(model: nn.Module, input_shape: tuple[int, ...], res
 def tensor_quantizers(model: nn.Module) -> list[tuple[str, ActQuant]]:
     """Every ActQuant in the model (inside QuantAttention too), in order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuant)]
+
+
+@torch.no_grad()
+def share_input_grids(model: nn.Module, records: list[dict]) -> list[str]:
+    """Put each residual-add input that ``shares`` a layer's input on that layer's grid when the
+    layer's input grid is unsigned with the same bits: the add quantizer becomes unsigned and takes
+    the layer's scale (a copy, so call this again after anything that changes the layer's scale).
+    Marks those records ``"signed": False`` (a reloaded model rebuilds them so); returns their names."""
+    shared = []
+    for record in records:
+        name, layer_name = record["name"], record.get("shares")
+        if not layer_name:
+            continue
+        q, layer = model.get_submodule(name), model.get_submodule(layer_name)
+        if getattr(layer, "a_bits", None) != q.bits or getattr(layer, "a_signed", True):
+            continue
+        q.signed = False
+        q.scale.copy_(layer.act_scale)
+        record["signed"] = False
+        shared.append(name)
+    return shared
 
 
 def set_enabled(model: nn.Module, enabled: bool) -> None:

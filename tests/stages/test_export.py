@@ -277,6 +277,59 @@ def test_the_cpu_file_drops_only_the_int8_grid_clip_and_moves_only_the_lowest_co
         np.testing.assert_array_equal(a, b)
 
 
+def _twin_quantizer_graph() -> onnx.ModelProto:
+    """x -> Q/DQ (s 0.1) -> Conv (INT8 per-channel weight, Q/DQ on a float initializer) -> + the same
+    x through a second, identical Q/DQ (other constant names), and a third Q/DQ on x at another
+    scale -> y = conv + dq2 + dq3."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 4, 3, 3)).astype(np.float32)
+    ws = (np.abs(w).reshape(4, -1).max(1) / 127).astype(np.float32)
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s1"), numpy_helper.from_array(np.array(0.1, np.float32), "s2"),
+             numpy_helper.from_array(np.array(0.07, np.float32), "s3"),
+             *(helper.make_tensor(z, TensorProto.UINT8, [], [0]) for z in ("z1", "z2", "z3")),
+             numpy_helper.from_array(w, "w"), numpy_helper.from_array(ws, "ws"),
+             helper.make_tensor("wz", TensorProto.INT8, [4], [0] * 4)]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s1", "z1"], ["q1"]),
+             helper.make_node("DequantizeLinear", ["q1", "s1", "z1"], ["d1"]),
+             helper.make_node("QuantizeLinear", ["w", "ws", "wz"], ["qw"], axis=0),
+             helper.make_node("DequantizeLinear", ["qw", "ws", "wz"], ["dw"], axis=0),
+             helper.make_node("Conv", ["d1", "dw"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["x", "s2", "z2"], ["q2"]),
+             helper.make_node("DequantizeLinear", ["q2", "s2", "z2"], ["d2"]),
+             helper.make_node("QuantizeLinear", ["x", "s3", "z3"], ["q3"]),
+             helper.make_node("DequantizeLinear", ["q3", "s3", "z3"], ["d3"]),
+             helper.make_node("Add", ["c", "d2"], ["a"]), helper.make_node("Add", ["a", "d3"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_cpu_file_keeps_one_of_identical_quantizers_and_stores_int8_weights(tmp_path):
+    import onnxruntime as ort
+
+    from deploypipe.stages.export.cpu_layout import cpu_file
+
+    onnx.save(_twin_quantizer_graph(), str(tmp_path / "a.onnx"))
+    cpu_file(tmp_path / "a.onnx", tmp_path / "b.onnx")
+    b = onnx.load(str(tmp_path / "b.onnx"))
+    qs = [n for n in b.graph.node if n.op_type == "QuantizeLinear"]
+    # the twin Q (same tensor, same scale and zero point) and its DQ are gone; the other scale stays;
+    # the weight's Q became its INT8 initializer
+    assert sorted(n.input[1] for n in qs) == ["s1", "s3"]
+    assert sum(n.op_type == "DequantizeLinear" for n in b.graph.node) == 3
+    inits = {i.name: numpy_helper.to_array(i) for i in b.graph.initializer}
+    assert "w" not in inits and inits["qw"].dtype == np.int8
+    w = numpy_helper.to_array(next(i for i in _twin_quantizer_graph().graph.initializer if i.name == "w"))
+    ws = inits["ws"].reshape(4, 1, 1, 1)
+    np.testing.assert_array_equal(inits["qw"], np.clip(np.rint(w / ws), -128, 127).astype(np.int8))
+    x = np.random.default_rng(1).uniform(-1, 3, size=(1, 4, 5, 5)).astype(np.float32)
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graphs as written
+    ya, yb = (ort.InferenceSession(str(tmp_path / f), plain, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+              for f in ("a.onnx", "b.onnx"))
+    np.testing.assert_array_equal(ya, yb)
+
+
 def test_the_cpu_file_lets_onnx_runtime_fuse_a_quantized_resnet(tmp_path):
     """A ResNet quantized with unsigned post-ReLU inputs: ONNX Runtime fuses the convolutions of
     model.cpu.onnx into QLinearConv (not those of the TensorRT file), and both agree with PyTorch."""
@@ -293,5 +346,8 @@ def test_the_cpu_file_lets_onnx_runtime_fuse_a_quantized_resnet(tmp_path):
     assert out.cpu_onnx == tmp_path / "model.cpu.onnx" and out.cpu_onnx.is_file()
     fused = out.integer_kernels["model.cpu.onnx"].get("QLinearConv", 0)
     assert fused >= 18 > out.integer_kernels["model.onnx"].get("QLinearConv", 0), out.integer_kernels
+    # the 7 identity-shortcut adds read the conv's grid; the last one feeds the pooling, not a Q: 6 fuse
+    assert out.integer_kernels["model.cpu.onnx"].get("QLinearAdd", 0) >= 6, out.integer_kernels
+    assert out.cpu_onnx.stat().st_size < out.onnx.stat().st_size / 2.5  # INT8 weight initializers
     assert out.cpu_parity["onnx_top1_agreement"] >= 0.98 and out.metrics["cpu_file_ort_integer_kernels"] >= 18
     assert "onnxruntime_cpu_file_ms" in out.latency[0]

@@ -204,3 +204,41 @@ def test_torchvision_models_get_their_residual_adds_quantized():
     g, records = insert_tensor_quantizers(vit, (3, 32, 32), 8, 8, enabled=False)
     assert len(records) == 2 * 2 * 2 and {r["op"] for r in records} == {"add"}  # two adds per encoder layer
     torch.testing.assert_close(g(x), want)
+
+
+@pytest.mark.parametrize("unsigned", [True, False])
+def test_a_residual_input_shares_the_unsigned_grid_of_the_convolution_reading_it_and_reloads_so(tmp_path, unsigned):
+    """A ResNet-20 block's input x feeds conv1 and (through the identity shortcut) the add: with
+    unsigned grids the add's quantizer is that conv's input grid (one quantizer on the tensor), and a
+    saved model rebuilds it unsigned. Signed (TensorRT) grids keep their own per-add scale."""
+    import deploypipe as dp
+    from deploypipe.models import ModelRecord, build_model, save_model
+    from deploypipe.stages.quantize.modules import TRANSFORM_MODULE, QuantLayer
+
+    torch.manual_seed(0)
+    record = ModelRecord("zoo:resnet20", {"num_classes": 10}, input_shape=[3, 16, 16], num_classes=10)
+    model = build_model(record).eval()
+    q, report = dp.quantize(model, torch.rand(64, 3, 16, 16), dp.QuantizeConfig(
+        weight_bits=8, act_bits=8, method="rtn", unsigned_activations=unsigned))
+    records = report.transform["tensor_quant"]
+    # 9 blocks; the 2 downsampling ones have a padding shortcut (not the conv's tensor): 7 identity shortcuts
+    assert sum("shares" in r for r in records) == 7 and all(r["name"].endswith("_in1") for r in records if "shares" in r)
+    shared = [r for r in records if r.get("signed") is False]
+    assert len(shared) == (7 if unsigned else 0)
+    t = torch.rand(2, 16, 16, 16) * 3  # a non-negative tensor
+    for r in records:
+        act, layer = q.get_submodule(r["name"]), q.get_submodule(r["shares"]) if "shares" in r else None
+        if r in shared:
+            assert isinstance(layer, QuantLayer) and not layer.a_signed and act.signed is False
+            s = layer.act_scale.detach()
+            assert torch.equal(act.scale.detach(), s)
+            expected = torch.clamp(torch.round(t / s), 0, 255) * s  # the unsigned 8-bit grid, closed form
+            torch.testing.assert_close(act(t), expected, rtol=0, atol=0)
+            torch.testing.assert_close(layer._input(t, layer.act_scale), expected, rtol=0, atol=0)
+        else:
+            assert act.signed is True
+    save_model(q, record.with_transform("quantize", TRANSFORM_MODULE, report.transform), tmp_path / "q")
+    again = load_model(tmp_path / "q")
+    assert [m.signed for _, m in tensor_quantizers(again)] == [m.signed for _, m in tensor_quantizers(q)]
+    x = torch.rand(3, 3, 16, 16)
+    assert torch.equal(again(x), q(x))
