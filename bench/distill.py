@@ -92,12 +92,25 @@ def main() -> None:
         print(f"At {100 * f:g}% kept (random), KD from the smaller teacher `{args.small_teacher}` "
               f"({100 * small['teacher_test_top1']:.2f}%): {100 * small['test_top1']:.2f}%, against "
               f"{100 * cells['random', f, 'auto']['test_top1']:.2f}% from the full teacher.")
-    headline = ""
+    findings = []
     if ("random", 0.5, "auto") in cells:
         gap = cells["random", 0.5, "auto"]["test_top1"] - full["test_top1"]
-        headline = (f"random 50% + KD: {100 * cells['random', 0.5, 'auto']['test_top1']:.2f}% against "
-                    f"{100 * full['test_top1']:.2f}% on all data without KD ({100 * gap:+.2f} pt, target >= -0.5)")
-    report.finish(headline=headline or None)
+        findings.append(f"random 50% + KD: {100 * cells['random', 0.5, 'auto']['test_top1']:.2f}% against "
+                        f"{100 * full['test_top1']:.2f}% on all data without KD ({100 * gap:+.2f} pt, target >= -0.5)")
+    for score in args.scores.split(","):
+        gains = {f: cells[score, f, "auto"]["test_top1"] - cells[score, f, "0"]["test_top1"] for f in fractions}
+        if len(gains) > 1:
+            best = max(gains, key=gains.get)
+            verdict = "largest at the smallest fraction" if best == min(fractions) else \
+                f"largest at {100 * best:g}%, not at the smallest fraction"
+            print(f"KD's gain ({score}): " + ", ".join(f"{100 * g:+.2f} pt at {100 * f:g}%" for f, g in gains.items())
+                  + f" — {verdict} (the paper: largest at the smallest fraction).")
+            findings.append(f"KD gain ({score}) {verdict}")
+    if small is not None:
+        f = min(fractions)
+        diff = small["test_top1"] - cells["random", f, "auto"]["test_top1"]
+        findings.append(f"at {100 * f:g}% the smaller teacher {'wins' if diff > 0 else 'loses'} ({100 * diff:+.2f} pt)")
+    report.finish(headline="; ".join(findings) or None)
 
 
 def _teacher_as_reference(args) -> dict:
@@ -134,7 +147,7 @@ def _teacher_as_reference(args) -> dict:
                          "— fix: use --reference run")
     metrics = json.loads(result.read_text())["metrics"]
     print(f"  full-data: the teacher's own training ({metrics['test_top1']:.4f} top-1, "
-          f"{metrics['train_seconds']:.0f} s)", flush=True)
+          f"{metrics['train_seconds']:.0f} s)", file=sys.stderr, flush=True)
     return {"test_top1": metrics["test_top1"], "teacher_test_top1": metrics["test_top1"],
             "wall_seconds": metrics["train_seconds"], "score_seconds": 0.0}
 

@@ -41,6 +41,7 @@ def main() -> None:
     import deploypipe as dp
     from deploypipe.config import DataSpec
     from deploypipe.data import load_data
+    from deploypipe.evaluation import top1_and_loss
     from deploypipe.models import read_record
 
     torch.set_num_threads(args.threads)
@@ -75,13 +76,13 @@ def main() -> None:
                      f"{r.engine_info['build_seconds']:.1f}" if r.engine_info else "–",
                      f"{r.engine_info['plan_bytes'] / 1024:.0f}" if r.engine_info else "–",
                      "clean" if not r.findings else f"{len(r.findings)} findings",
-                     *_cpu_columns(r, lat, fp32_b64)])
+                     *_cpu_columns(r, lat, fp32_b64), f"{100 * top1_and_loss(model, data.test)[0]:.2f}"])
     rows.append(_ort_peer(out, data, calib, variants["FP32"][0], args, fp32_b64))
     columns = ["model", "ONNX KiB", "PyTorch eager b1 ms", "ONNX Runtime b1 ms", "PyTorch eager b64 ms",
                "ONNX Runtime b64 ms", "ORT b64 throughput / eager FP32", "ORT top-1 agreement %",
                "TensorRT-RTX build s", "engine KiB", "TensorRT lint", "ORT integer kernels (model.onnx / .cpu.onnx)",
                "model.cpu.onnx KiB", "model.cpu.onnx b64 ms", "cpu file b64 throughput / eager FP32",
-               "cpu file top-1 agreement %"]
+               "cpu file top-1 agreement %", "PyTorch test top-1 %"]
     print(markdown_table(columns, rows, f"`{args.model}` on `{args.data}`, {len(data.test)} test images, "
                                         f"{args.threads} CPU threads, median of {args.repeats} passes"))
     print("Quantized rows: round-to-nearest with MSE ranges, first and last layer 8-bit; W4A8's 4-bit weights ship "
@@ -159,7 +160,7 @@ def _ort_peer(out: Path, data, calib, fp32_model, args, fp32_b64: float) -> list
     findings = lint_onnx(str(dst))
     return ["ORT quantize_static (peer, uint8 asymmetric)", f"{dst.stat().st_size / 1024:.0f}", "–", f"{ms[1]:.2f}",
             "–", f"{ms[64]:.1f}", f"{fp32_b64 / ms[64]:.2f}x", f"{100 * agree:.2f} (vs FP32)", "–", "–",
-            f"{len(findings)} findings", str(sum(integer_kernels(dst).values())), "–", "–", "–", "–"]
+            f"{len(findings)} findings", str(sum(integer_kernels(dst).values())), "–", "–", "–", "–", "–"]
 
 
 if __name__ == "__main__":

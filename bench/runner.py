@@ -35,11 +35,11 @@ def run_deploypipe(stage: str, label: str, args: list[str], out: Path, threads: 
     if outcome.get("status") == "skipped":
         metrics.update(json.loads(usage_file.read_text()) if usage_file.is_file()
                        else {"wall_seconds": None, "peak_rss_mb": None})
-        print(f"  {label}: (done before, same settings) {_headline(metrics)}", flush=True)
+        print(f"  {label}: (done before, same settings) {_headline(metrics)}", file=sys.stderr, flush=True)
         return metrics
     metrics.update(wall_seconds=wall, peak_rss_mb=usage.ru_maxrss / 1024)
     usage_file.write_text(json.dumps({"wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}))
-    print(f"  {label}: {wall:.0f} s, {_headline(metrics)}", flush=True)
+    print(f"  {label}: {wall:.0f} s, {_headline(metrics)}", file=sys.stderr, flush=True)
     return metrics
 
 

@@ -176,6 +176,7 @@ def insert_tensor_quantizers(model: nn.Module, input_shape: tuple[int, ...], res
         return model, []
     graph = gm.graph
     records = []
+    saved = {r["name"]: r for r in expected or []}
     for node in list(graph.nodes):
         kind = _kind(node)
         bits = residual_bits if kind == "add" else matmul_bits if kind in ("matmul", "attention") else None
@@ -192,7 +193,6 @@ def insert_tensor_quantizers(model: nn.Module, input_shape: tuple[int, ...], res
             records.append({"name": name, "op": kind, "bits": bits})
             continue
         args = list(node.args)
-        saved = {r["name"]: r for r in expected or []}
         for i in (0, 1):
             name = f"tq_{node.name}_in{i}"
             record = {"name": name, "op": kind, "bits": bits}
