@@ -5,7 +5,8 @@ trained on all of it; a full-data student for reference; at the smallest fractio
 
 Every cell is one ``python -m deploypipe distill ... --json`` run (wall time and peak memory read
 with wait4), with the same epochs for every cell; the scoring cost (EL2N and forgetting train extra
-models first) is reported per method. Targets (Ben-Baruch et al.'s findings, to confirm or refute):
+models first) is paid by a method's first cell and reported per method; its other cells read that
+cell's scores.csv (``--scores``), the same ranking without training the scoring models again. Targets (Ben-Baruch et al.'s findings, to confirm or refute):
 random + KD at 50% within 0.5 pt of full-data training without KD; KD's gain largest at the smallest
 fraction; whether the smaller teacher wins at the smallest fraction.
 
@@ -61,12 +62,19 @@ def main() -> None:
     else:
         full = run_deploypipe("distill", "full-data", common + ["--keep", "1", "--kd-weight", "0"], out, args.threads)
     teacher_top1 = full["teacher_test_top1"]
+    scoring = {}  # seconds each method's scores cost, paid once: later cells read its scores.csv
     for score in args.scores.split(","):
+        source = None
         for f in fractions:
             for kd in ("auto", "0"):
                 label = f"{score}-{f:g}-{'kd' if kd == 'auto' else 'nokd'}"
-                cells[score, f, kd] = run_deploypipe("distill", label, common + [
-                    "--score", score, "--keep", f"{f:g}", "--kd-weight", kd], out, args.threads)
+                how = ["--score", score] if source is None else ["--scores", str(source)]
+                cells[score, f, kd] = run_deploypipe("distill", label, common + how + [
+                    "--keep", f"{f:g}", "--kd-weight", kd], out, args.threads)
+                if source is None:
+                    scoring[score] = cells[score, f, kd]["score_seconds"]
+                    if score != "random":
+                        source = out / label / "distill" / "scores.csv"
     small = None
     if args.small_teacher:
         f = min(fractions)
@@ -83,10 +91,12 @@ def main() -> None:
             kd, plain = cells[score, f, "auto"], cells[score, f, "0"]
             rows.append([score, f"{100 * f:g}%", f"{100 * kd['test_top1']:.2f}", f"{100 * plain['test_top1']:.2f}",
                          f"{100 * (kd['test_top1'] - plain['test_top1']):+.2f}",
-                         f"{kd['wall_seconds']:.0f} (scoring {kd['score_seconds']:.0f})"])
-    print(markdown_table(["selection", "kept", "student + KD top-1", "student top-1", "KD gain (pt)", "wall s"], rows,
-                         f"ResNet-20 students, {args.epochs} epochs each; teacher `{args.teacher}` "
+                         f"{kd['wall_seconds']:.0f}"])
+    print(markdown_table(["selection", "kept", "student + KD top-1", "student top-1", "KD gain (pt)", "student + KD wall s"], rows,
+                         f"`{args.student}` students, {args.epochs} epochs each; teacher `{args.teacher}` "
                          f"({100 * teacher_top1:.2f}% top-1, all data); test top-1 on all test images"))
+    print("Scoring cost, paid once per method before any student trains (the other cells of a method read its "
+          "scores.csv through --scores): " + ", ".join(f"{k} {v:.0f} s" for k, v in scoring.items()) + ".")
     if small is not None:
         f = min(fractions)
         print(f"At {100 * f:g}% kept (random), KD from the smaller teacher `{args.small_teacher}` "
