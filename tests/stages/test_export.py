@@ -284,8 +284,7 @@ def _twin_quantizer_graph() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w = rng.normal(size=(4, 4, 3, 3)).astype(np.float32)
     ws = (np.abs(w).reshape(4, -1).max(1) / 127).astype(np.float32)
-    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s1"), numpy_helper.from_array(np.array(0.1, np.float32), "s2"),
-             numpy_helper.from_array(np.array(0.07, np.float32), "s3"),
+    inits = [*(numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("s1", 0.1), ("s2", 0.1), ("s3", 0.07))),
              *(helper.make_tensor(z, TensorProto.UINT8, [], [0]) for z in ("z1", "z2", "z3")),
              numpy_helper.from_array(w, "w"), numpy_helper.from_array(ws, "ws"),
              helper.make_tensor("wz", TensorProto.INT8, [4], [0] * 4)]
