@@ -5,10 +5,10 @@ deploypipe's quantized models use symmetric grids; a signed 8-bit grid is [-127,
 convention), written as ``Clip(-127 s, 127 s)`` before an INT8 ``QuantizeLinear``. ONNX Runtime fuses
 ``DequantizeLinear -> Conv -> QuantizeLinear`` into one ``QLinearConv`` (and the same for Add and
 MatMul) only when nothing sits between the op and the next Q, and that Clip does. ``model.cpu.onnx``
-drops exactly those Clips — nothing else changes — so the INT8 container's full [-128, 127] range
-applies: an input below -127.5 steps becomes -128 steps instead of -127 (one step, on values already
-clipped). Everywhere else the two files compute the same numbers; the export stage measures the
-CPU file's agreement with the PyTorch model like the other's.
+drops those Clips, so the INT8 container's full [-128, 127] range applies: an input below -127.5
+steps becomes -128 steps instead of -127 (one step, on values already clipped). That is the only
+change in the numbers (the two rewrites below compute the same values); the export stage measures
+the CPU file's agreement with the PyTorch model like the other's.
 
 A ReLU between a Conv and its Q blocks the fusion as well; a model quantized with
 ``unsigned_activations`` has UINT8 Qs with zero point 0 there, which make the ReLU redundant, and
