@@ -32,88 +32,62 @@ from pathlib import Path
 
 import numpy as np
 
+from .trt_lint import GraphIndex, attribute
+
 INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearAveragePool",
                "QLinearGlobalAveragePool", "ConvInteger", "MatMulInteger", "QGemm")
 
 
-class _Constants:
-    """Constant tensors of a graph by name (initializers and Constant nodes), as numpy arrays; read
-    on demand, so a large graph is not scanned once per lookup."""
-
-    def __init__(self, graph):
-        self.protos = {init.name: init for init in graph.initializer}
-        for node in graph.node:
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                self.protos[node.output[0]] = node.attribute[0].t
-
-    def __call__(self, name: str):
-        from onnx import numpy_helper
-
-        proto = self.protos.get(name)
-        return None if proto is None else numpy_helper.to_array(proto)
-
-
-def _symmetric_grid_clip(const: _Constants, clip, quantize) -> bool:
+def _symmetric_grid_clip(g: GraphIndex, clip, quantize) -> bool:
     """``clip`` is Clip(-127 s, 127 s) in front of an INT8 QuantizeLinear with scale s, zero point 0."""
     if len(clip.input) < 3 or len(quantize.input) < 3:
         return False
-    lo, hi = const(clip.input[1]), const(clip.input[2])
-    scale, zero = const(quantize.input[1]), const(quantize.input[2])
+    lo, hi = g.array(clip.input[1]), g.array(clip.input[2])
+    scale, zero = g.array(quantize.input[1]), g.array(quantize.input[2])
     if any(v is None for v in (lo, hi, scale, zero)) or zero.dtype != np.int8 or np.any(zero != 0):
         return False
     s = float(np.asarray(scale).reshape(-1)[0])
     return bool(np.isclose(float(lo), -127 * s, rtol=1e-5) and np.isclose(float(hi), 127 * s, rtol=1e-5))
 
 
-def _users(graph) -> dict[str, list]:
-    users = collections.defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            users[name].append(node)
-    return users
-
-
-def _drop_grid_clips(graph) -> int:
+def _drop_grid_clips(model) -> int:
     """Remove the [-127, 127] Clips in front of INT8 QuantizeLinear nodes; returns how many."""
-    users, const = _users(graph), _Constants(graph)
+    g = GraphIndex(model)
     dropped = []
-    for node in graph.node:
+    for node in model.graph.node:
         if node.op_type != "Clip":
             continue
-        after = users[node.output[0]]
-        if after and all(u.op_type == "QuantizeLinear" and _symmetric_grid_clip(const, node, u) for u in after):
+        after = [u for u, _ in g.consumers.get(node.output[0], [])]
+        if after and all(u.op_type == "QuantizeLinear" and _symmetric_grid_clip(g, node, u) for u in after):
             for u in after:
                 u.input[0] = node.input[0]
             dropped.append(node)
     for node in dropped:
-        graph.node.remove(node)
+        model.graph.node.remove(node)
     return len(dropped)
 
 
-def _key(const: _Constants, node) -> tuple | None:
+def _key(g: GraphIndex, node) -> tuple | None:
     """What a Q/DQ node computes: its input, scale and zero point values (with dtype) and attributes;
     None when a scale or zero point is not a constant."""
+    from onnx import helper
+
     parts = [node.op_type, node.input[0]]
     for name in node.input[1:]:
-        value = const(name)
+        value = g.array(name)
         if value is None:
             return None
         parts.append((value.dtype.str, value.shape, value.tobytes()))
-    parts.append(tuple(sorted((a.name, _attribute_value(a)) for a in node.attribute)))
+    values = ((a.name, helper.get_attribute_value(a)) for a in node.attribute)
+    parts.append(tuple(sorted((k, v if isinstance(v, (int, float, str, bytes)) else repr(v)) for k, v in values)))
     return tuple(parts)
 
 
-def _attribute_value(attribute):
-    from onnx import helper
-
-    value = helper.get_attribute_value(attribute)
-    return value if isinstance(value, (int, float, str, bytes)) else repr(value)
-
-
-def _merge_duplicates(graph) -> int:
+def _merge_duplicates(model) -> int:
     """Keep one of each set of QuantizeLinear (then DequantizeLinear) nodes that compute the same
     thing from the same tensor; the others' readers read the kept one. Returns how many were removed."""
-    removed, const = 0, _Constants(graph)
+    g, graph, removed = GraphIndex(model), model.graph, 0
+    outputs = {o.name for o in graph.output}
     for op in ("QuantizeLinear", "DequantizeLinear"):
         first: dict[tuple, str] = {}
         rename: dict[str, str] = {}
@@ -122,9 +96,9 @@ def _merge_duplicates(graph) -> int:
             for i, name in enumerate(node.input):
                 if name in rename:
                     node.input[i] = rename[name]
-            if node.op_type != op or len(node.output) != 1:
-                continue
-            key = _key(const, node)
+            if node.op_type != op or len(node.output) != 1 or node.output[0] in outputs:
+                continue  # a graph output keeps its producer
+            key = _key(g, node)
             if key is None:
                 continue
             if key in first:
@@ -132,49 +106,39 @@ def _merge_duplicates(graph) -> int:
                 gone.append(node)
             else:
                 first[key] = node.output[0]
-        outputs = {o.name for o in graph.output}
         for node in gone:
-            if node.output[0] in outputs:  # a graph output keeps its producer
-                continue
             graph.node.remove(node)
-            removed += 1
+        removed += len(gone)
     return removed
 
 
-def _fold_weight_quantizers(graph) -> int:
-    """QuantizeLinear on a constant initializer -> that initializer, quantized (ONNX's rounding: ties
-    to even, saturated to the zero point's type). Returns how many were folded."""
+def _fold_weight_quantizers(model) -> int:
+    """QuantizeLinear on a constant initializer read by nothing else -> that initializer, quantized
+    (ONNX's rounding: ties to even, saturated to the zero point's type). Returns how many were folded."""
     from onnx import numpy_helper
 
-    inits = {init.name: init for init in graph.initializer}
-    users, const = _users(graph), _Constants(graph)
+    g, graph = GraphIndex(model), model.graph
     folded = []
     for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] not in inits or len(node.input) < 3:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in g.inits or len(node.input) < 3 \
+                or len(g.consumers[node.input[0]]) != 1 or attribute(node, "block_size", 0):
             continue
-        scale, zero = const(node.input[1]), const(node.input[2])
-        if scale is None or zero is None or zero.dtype not in (np.int8, np.uint8) or len(users[node.input[0]]) != 1:
+        scale, zero = g.array(node.input[1]), g.array(node.input[2])
+        if scale is None or zero is None or zero.dtype not in (np.int8, np.uint8):
             continue
-        x = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        if any(a.name == "block_size" and a.i for a in node.attribute):
-            continue
+        x = g.array(node.input[0]).astype(np.float32)
         shape = [1] * x.ndim
-        if scale.ndim == 1 and scale.size > 1:
-            shape[axis % x.ndim] = scale.size
+        if scale.size > 1:
+            shape[attribute(node, "axis", 1) % x.ndim] = scale.size
         s = np.asarray(scale, np.float32).reshape(shape if scale.size > 1 else ())
         z = np.asarray(zero).astype(np.int32).reshape(shape if zero.size > 1 else ())
         info = np.iinfo(zero.dtype)
         q = np.clip(np.rint(x / s).astype(np.int64) + z, info.min, info.max).astype(zero.dtype)
         graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
         folded.append(node)
-    dead = set()
-    for node in folded:
+    for node in folded:  # the float weight had this Q as its only reader
         graph.node.remove(node)
-        dead.add(node.input[0])
-    still_read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for init in [i for i in graph.initializer if i.name in dead and i.name not in still_read]:
-        graph.initializer.remove(init)
+        graph.initializer.remove(g.inits[node.input[0]])
     return len(folded)
 
 
@@ -185,10 +149,9 @@ def cpu_file(src: str | Path, dst: str | Path) -> int:
     import onnx
 
     model = onnx.load(str(src))
-    graph = model.graph
-    dropped = _drop_grid_clips(graph)
-    _merge_duplicates(graph)
-    _fold_weight_quantizers(graph)
+    dropped = _drop_grid_clips(model)
+    _merge_duplicates(model)
+    _fold_weight_quantizers(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
     return dropped

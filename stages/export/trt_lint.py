@@ -39,7 +39,10 @@ class Finding:
         return f"{self.node} ({self.op}): {self.rule}: {self.detail}"
 
 
-class _Graph:
+class GraphIndex:
+    """Where each tensor of an ONNX model comes from and goes: initializers and Constant values by
+    name, producers, consumers (node, input index). A snapshot: build a new one after editing."""
+
     def __init__(self, model):
         from onnx import numpy_helper
 
@@ -76,7 +79,7 @@ class _Graph:
             if node.op_type in PASS_THROUGH and i == 0:
                 moved = axis
                 if node.op_type == "Transpose" and axis is not None:
-                    perm = _attr(node, "perm")
+                    perm = attribute(node, "perm")
                     moved = list(perm).index(axis) if perm is not None else None  # default: reversed, rank unknown
                 elif node.op_type not in ("Identity", "Cast"):
                     moved = None
@@ -86,7 +89,7 @@ class _Graph:
         return out
 
 
-def _attr(node, name: str, default=None):
+def attribute(node, name: str, default=None):
     from onnx import helper
 
     for a in node.attribute:
@@ -95,7 +98,7 @@ def _attr(node, name: str, default=None):
     return default
 
 
-def _quant_type(g: _Graph, node) -> Optional[int]:
+def _quant_type(g: GraphIndex, node) -> Optional[int]:
     """The ONNX element type of the quantized side: the zero point's, else the output (Q) or input (DQ)."""
     if len(node.input) > 2 and node.input[2]:
         t = g.tensor(node.input[2])
@@ -108,11 +111,11 @@ def _quant_type(g: _Graph, node) -> Optional[int]:
         producer = g.producer.get(node.input[0])
         if producer is not None and producer.op_type == "QuantizeLinear":
             return _quant_type(g, producer)
-    attr = _attr(node, "output_dtype")
+    attr = attribute(node, "output_dtype")
     return attr or None
 
 
-def _rank(g: _Graph, name: str) -> int:
+def _rank(g: GraphIndex, name: str) -> int:
     """Rank of a weight: of the constant itself, or of the constant its QuantizeLinear quantizes."""
     t = g.tensor(name)
     if t is None and name in g.producer:
@@ -125,7 +128,7 @@ def _output_axis(consumer, index: int, weight_rank: int) -> Optional[int]:
     if consumer.op_type in ("Conv", "ConvTranspose") and index == 1:
         return 0 if consumer.op_type == "Conv" else 1
     if consumer.op_type == "Gemm" and index == 1:
-        return 0 if _attr(consumer, "transB", 0) else 1
+        return 0 if attribute(consumer, "transB", 0) else 1
     if consumer.op_type == "MatMul" and index == 1:
         return weight_rank - 1
     return None
@@ -138,7 +141,7 @@ def lint_onnx(model_or_path) -> list[Finding]:
     from onnx import TensorProto
 
     model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, Path)) else model_or_path
-    g = _Graph(model)
+    g = GraphIndex(model)
     allowed = {TensorProto.INT8, TensorProto.INT4, getattr(TensorProto, "FLOAT8E4M3FN", -1)}
     int4 = {TensorProto.INT4, getattr(TensorProto, "UINT4", -2)}
     found: list[Finding] = []
@@ -167,7 +170,7 @@ def lint_onnx(model_or_path) -> list[Finding]:
         if node.op_type != "DequantizeLinear":
             continue
         rank = _rank(g, node.input[0])
-        axis = _attr(node, "axis", 1)
+        axis = attribute(node, "axis", 1)
         axis = axis + rank if axis < 0 and rank else axis
         for consumer, index, moved in g.final_consumers(node.output[0], axis):
             where = f"{consumer.op_type} '{consumer.name or consumer.output[0]}'"
@@ -178,12 +181,12 @@ def lint_onnx(model_or_path) -> list[Finding]:
                 if consumer.op_type not in ("MatMul", "Gemm"):
                     flag("int4", f"INT4 weights of {where}; TensorRT's INT4 is for MatMul/Gemm weights only (no "
                                  "INT4 convolution)")
-                elif _attr(node, "block_size", 0) in (0, None):
+                elif attribute(node, "block_size", 0) in (0, None):
                     flag("int4", f"INT4 weights of {where} without block_size; TensorRT's INT4 is block-quantized")
             if not weight or scale is None or scale.size <= 1 or moved is None:
                 continue
             want = _output_axis(consumer, index, rank)
-            blocked = _attr(node, "block_size", 0) not in (0, None)
+            blocked = attribute(node, "block_size", 0) not in (0, None)
             if want is not None and moved != want and not blocked:
                 flag("weight-axis", f"weights of {where} quantized along axis {moved} of the input it feeds; "
                                     f"per-channel scales must run along the output channels (axis {want})")
