@@ -6,9 +6,10 @@ trained on all of it; a full-data student for reference; at the smallest fractio
 Every cell is one ``python -m deploypipe distill ... --json`` run (wall time and peak memory read
 with wait4), with the same epochs for every cell; the scoring cost (EL2N and forgetting train extra
 models first) is paid by a method's first cell and reported per method; its other cells read that
-cell's scores.csv (``--scores``), the same ranking without training the scoring models again. Targets (Ben-Baruch et al.'s findings, to confirm or refute):
-random + KD at 50% within 0.5 pt of full-data training without KD; KD's gain largest at the smallest
-fraction; whether the smaller teacher wins at the smallest fraction.
+cell's scores.csv (``--scores``), the same ranking without training the scoring models again.
+Targets (Ben-Baruch et al.'s findings, to confirm or refute): random + KD at 50% within 0.5 pt of
+full-data training without KD; KD's gain largest at the smallest fraction; whether the smaller
+teacher wins at the smallest fraction.
 
     python bench/distill.py --teacher runs/r20/train/model --data imagefolder:../shared/data/cifar10 \\
         [--fractions 0.1,0.3,0.5,0.7] [--scores random,el2n,forgetting] [--epochs 15] \\
@@ -92,7 +93,8 @@ def main() -> None:
             rows.append([score, f"{100 * f:g}%", f"{100 * kd['test_top1']:.2f}", f"{100 * plain['test_top1']:.2f}",
                          f"{100 * (kd['test_top1'] - plain['test_top1']):+.2f}",
                          f"{kd['wall_seconds']:.0f}"])
-    print(markdown_table(["selection", "kept", "student + KD top-1", "student top-1", "KD gain (pt)", "student + KD wall s"], rows,
+    columns = ["selection", "kept", "student + KD top-1", "student top-1", "KD gain (pt)", "student + KD wall s"]
+    print(markdown_table(columns, rows,
                          f"`{args.student}` students, {args.epochs} epochs each; teacher `{args.teacher}` "
                          f"({100 * teacher_top1:.2f}% top-1, all data); test top-1 on all test images"))
     print("Scoring cost, paid once per method before any student trains (the other cells of a method read its "
@@ -128,6 +130,7 @@ def _teacher_as_reference(args) -> dict:
     checking that it trained with this benchmark's recipe."""
     import yaml
 
+    from deploypipe.config import DataSpec
     from deploypipe.stages.distill.config import DistillConfig
 
     stage_dir = Path(args.teacher).resolve().parent
@@ -144,14 +147,16 @@ def _teacher_as_reference(args) -> dict:
               "augment", "channels_last")
     differ = [k for k in recipe if train.get(k) != getattr(want, k)]
     differ += [k for k in ("noise_sigma", "consistency", "warmup_epochs") if train.get(k)]
-    source = (yaml.safe_load(pipeline.read_text()) or {}).get("data", {}).get("source", "")
+    data = (yaml.safe_load(pipeline.read_text()) or {}).get("data") or {}
 
     def where(spec: str) -> str:
         kind, _, path = spec.partition(":")
         return f"{kind}:{Path(path).resolve()}" if path else spec
 
-    if where(source) != where(args.data):
-        differ.append(f"data ({source})")
+    if where(data.get("source", "")) != where(args.data):
+        differ.append(f"data ({data.get('source')})")
+    split = DataSpec(source=args.data).model_dump(exclude={"source"})  # the cells' split: the defaults
+    differ += [f"data {k}" for k, v in split.items() if data.get(k, v) != v]
     if differ:
         raise SystemExit(f"--reference teacher: the teacher was trained with another recipe ({', '.join(differ)}) "
                          "— fix: use --reference run")
