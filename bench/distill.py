@@ -13,13 +13,17 @@ teacher wins at the smallest fraction.
 
     python bench/distill.py --teacher runs/r20/train/model --data imagefolder:../shared/data/cifar10 \\
         [--fractions 0.1,0.3,0.5,0.7] [--scores random,el2n,forgetting] [--epochs 15] \\
-        [--small-teacher MODEL] [--reference run|teacher] [--report docs/benchmarks/distill.md]
+        [--small-teacher MODEL] [--reference run|teacher] [--finished-only] [--report docs/benchmarks/distill.md]
 
 ``--reference teacher``: the full-data row is the teacher's own ``deploypipe train`` run instead of a
 new one, allowed only when that run used this benchmark's recipe (epochs, batch, optimizer, learning
 rate and schedule, weight decay, augmentation, data): a distill with KD weight 0 on all the data is
 the same training (tests/stages/test_distill.py checks it bit for bit against the Trainer), from
 another initialisation. It saves the longest cell on a CPU.
+
+``--finished-only``: report the cells this ``--out`` folder finished before (each still goes through
+deploypipe, which checks its settings) and list the others as not run, without starting them — the
+whole matrix takes hours on a CPU, so it is measured over several sittings.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-distill")
     ap.add_argument("--reference", choices=("run", "teacher"), default="run",
                     help="the full-data row: a new run, or the teacher's own training when its recipe is this one")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="report only the cells finished before in --out; list the others as not run")
     add_report_argument(ap)
     args = ap.parse_args()
     report = Report(args.report, "Distill: data pruning with knowledge distillation, CIFAR-10 ResNet-20").start()
@@ -58,67 +64,88 @@ def main() -> None:
     common = ["--model", args.teacher, "--student", args.student, "--data", args.data, "--epochs", str(args.epochs),
               "--lr", str(args.lr)]
     cells = {}
+
+    def cell(label: str, cell_args: list[str]):
+        """One cell's metrics; None when --finished-only and it never finished here."""
+        if args.finished_only and not (out / f"{label}.usage.json").is_file():
+            print(f"  {label}: not run yet (--finished-only)", file=sys.stderr, flush=True)
+            return None
+        return run_deploypipe("distill", label, cell_args, out, args.threads)
+
     if args.reference == "teacher":
         full = _teacher_as_reference(args)
     else:
-        full = run_deploypipe("distill", "full-data", common + ["--keep", "1", "--kd-weight", "0"], out, args.threads)
+        full = cell("full-data", common + ["--keep", "1", "--kd-weight", "0"])
+        if full is None:
+            raise SystemExit("--finished-only: the full-data cell has not run — fix: run without --finished-only "
+                             "or use --reference teacher")
     teacher_top1 = full["teacher_test_top1"]
     scoring = {}  # seconds each method's scores cost, paid once: later cells read its scores.csv
     for score in args.scores.split(","):
-        source = None
+        source, scored = None, False
         for f in fractions:
             for kd in ("auto", "0"):
                 label = f"{score}-{f:g}-{'kd' if kd == 'auto' else 'nokd'}"
+                if scored and source is None and score != "random":  # its scoring cell did not run
+                    cells[score, f, kd] = None
+                    continue
                 how = ["--score", score] if source is None else ["--scores", str(source)]
-                cells[score, f, kd] = run_deploypipe("distill", label, common + how + [
-                    "--keep", f"{f:g}", "--kd-weight", kd], out, args.threads)
-                if source is None:
+                cells[score, f, kd] = cell(label, common + how + ["--keep", f"{f:g}", "--kd-weight", kd])
+                scored = True
+                if source is None and cells[score, f, kd] is not None and score not in scoring:
                     scoring[score] = cells[score, f, kd]["score_seconds"]
                     if score != "random":
                         source = out / label / "distill" / "scores.csv"
     small = None
     if args.small_teacher:
         f = min(fractions)
-        small = run_deploypipe("distill", f"random-{f:g}-small-teacher", [
+        small = cell(f"random-{f:g}-small-teacher", [
             "--model", args.small_teacher, "--student", args.student, "--data", args.data, "--epochs",
-            str(args.epochs), "--lr", str(args.lr), "--keep", f"{f:g}"], out, args.threads)
+            str(args.epochs), "--lr", str(args.lr), "--keep", f"{f:g}"])
     (out / "results.json").write_text(json.dumps({"args": vars(args), "full": full, "small": small,
                                                   "cells": {"|".join(map(str, k)): v for k, v in cells.items()}},
                                                  indent=2, default=str))
     reference = "all data, no KD" + (" (the teacher's own training)" if args.reference == "teacher" else "")
     rows = [[reference, "–", f"{100 * full['test_top1']:.2f}", "–", "–", f"{full['wall_seconds']:.0f}"]]
+
+    def top1(m) -> str:
+        return "not run yet" if m is None else f"{100 * m['test_top1']:.2f}"
+
     for score in args.scores.split(","):
         for f in fractions:
             kd, plain = cells[score, f, "auto"], cells[score, f, "0"]
-            rows.append([score, f"{100 * f:g}%", f"{100 * kd['test_top1']:.2f}", f"{100 * plain['test_top1']:.2f}",
-                         f"{100 * (kd['test_top1'] - plain['test_top1']):+.2f}",
-                         f"{kd['wall_seconds']:.0f}"])
+            gain = "–" if kd is None or plain is None else f"{100 * (kd['test_top1'] - plain['test_top1']):+.2f}"
+            rows.append([score, f"{100 * f:g}%", top1(kd), top1(plain), gain,
+                         "–" if kd is None or kd["wall_seconds"] is None else f"{kd['wall_seconds']:.0f}"])
     columns = ["selection", "kept", "student + KD top-1", "student top-1", "KD gain (pt)", "student + KD wall s"]
     print(markdown_table(columns, rows,
                          f"`{args.student}` students, {args.epochs} epochs each; teacher `{args.teacher}` "
                          f"({100 * teacher_top1:.2f}% top-1, all data); test top-1 on all test images"))
     print("Scoring cost, paid once per method before any student trains (the other cells of a method read its "
           "scores.csv through --scores): " + ", ".join(f"{k} {v:.0f} s" for k, v in scoring.items()) + ".")
-    if small is not None:
+    if small is not None and cells["random", min(fractions), "auto"] is not None:
         f = min(fractions)
         print(f"At {100 * f:g}% kept (random), KD from the smaller teacher `{args.small_teacher}` "
               f"({100 * small['teacher_test_top1']:.2f}%): {100 * small['test_top1']:.2f}%, against "
               f"{100 * cells['random', f, 'auto']['test_top1']:.2f}% from the full teacher.")
     findings = []
-    if ("random", 0.5, "auto") in cells:
+    if cells.get(("random", 0.5, "auto")) is not None:
         gap = cells["random", 0.5, "auto"]["test_top1"] - full["test_top1"]
         findings.append(f"random 50% + KD: {100 * cells['random', 0.5, 'auto']['test_top1']:.2f}% against "
                         f"{100 * full['test_top1']:.2f}% on all data without KD ({100 * gap:+.2f} pt, target >= -0.5)")
     for score in args.scores.split(","):
-        gains = {f: cells[score, f, "auto"]["test_top1"] - cells[score, f, "0"]["test_top1"] for f in fractions}
+        gains = {f: cells[score, f, "auto"]["test_top1"] - cells[score, f, "0"]["test_top1"] for f in fractions
+                 if cells[score, f, "auto"] is not None and cells[score, f, "0"] is not None}
         if len(gains) > 1:
             best = max(gains, key=gains.get)
-            verdict = "largest at the smallest fraction" if best == min(fractions) else \
+            verdict = "largest at the smallest fraction" if best == min(gains) else \
                 f"largest at {100 * best:g}%, not at the smallest fraction"
+            if len(gains) < len(fractions):
+                verdict += f" of those run ({', '.join(f'{100 * f:g}%' for f in gains)})"
             print(f"KD's gain ({score}): " + ", ".join(f"{100 * g:+.2f} pt at {100 * f:g}%" for f, g in gains.items())
                   + f" — {verdict} (the paper: largest at the smallest fraction).")
             findings.append(f"KD gain ({score}) {verdict}")
-    if small is not None:
+    if small is not None and cells["random", min(fractions), "auto"] is not None:
         f = min(fractions)
         diff = small["test_top1"] - cells["random", f, "auto"]["test_top1"]
         findings.append(f"at {100 * f:g}% the smaller teacher {'wins' if diff > 0 else 'loses'} ({100 * diff:+.2f} pt)")
