@@ -13,13 +13,18 @@ teacher wins at the smallest fraction.
 
     python bench/distill.py --teacher runs/r20/train/model --data imagefolder:../shared/data/cifar10 \\
         [--fractions 0.1,0.3,0.5,0.7] [--scores random,el2n,forgetting] [--epochs 15] \\
-        [--small-teacher MODEL] [--reference run|teacher] [--finished-only] [--report docs/benchmarks/distill.md]
+        [--small-teacher MODEL] [--reference run|teacher] [--equal-steps 0.5] [--finished-only] \\
+        [--report docs/benchmarks/distill.md]
 
 ``--reference teacher``: the full-data row is the teacher's own ``deploypipe train`` run instead of a
 new one, allowed only when that run used this benchmark's recipe (epochs, batch, optimizer, learning
 rate and schedule, weight decay, augmentation, data): a distill with KD weight 0 on all the data is
 the same training (tests/stages/test_distill.py checks it bit for bit against the Trainer), from
 another initialisation. It saves the longest cell on a CPU.
+
+``--equal-steps 0.5``: also random selection at that fraction, with and without KD, trained for
+epochs / fraction epochs — as many optimizer steps as the full-data run, instead of the same epochs
+(a second table; the main matrix keeps one epochs budget for every cell).
 
 ``--finished-only``: report the cells this ``--out`` folder finished before (each still goes through
 deploypipe, which checks its settings) and list the others as not run, without starting them — the
@@ -53,6 +58,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-distill")
     ap.add_argument("--reference", choices=("run", "teacher"), default="run",
                     help="the full-data row: a new run, or the teacher's own training when its recipe is this one")
+    ap.add_argument("--equal-steps", default="", metavar="F[,F]",
+                    help="fractions also trained (random, KD and not) for epochs / F epochs: the full run's steps")
     ap.add_argument("--finished-only", action="store_true",
                     help="report only the cells finished before in --out; list the others as not run")
     add_report_argument(ap)
@@ -61,8 +68,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fractions = [float(f) for f in args.fractions.split(",")]
-    common = ["--model", args.teacher, "--student", args.student, "--data", args.data, "--epochs", str(args.epochs),
-              "--lr", str(args.lr)]
+
+    def recipe(epochs: int) -> list[str]:
+        return ["--model", args.teacher, "--student", args.student, "--data", args.data, "--epochs", str(epochs),
+                "--lr", str(args.lr)]
+
+    common = recipe(args.epochs)
     cells = {}
 
     def cell(label: str, cell_args: list[str]):
@@ -102,8 +113,15 @@ def main() -> None:
         small = cell(f"random-{f:g}-small-teacher", [
             "--model", args.small_teacher, "--student", args.student, "--data", args.data, "--epochs",
             str(args.epochs), "--lr", str(args.lr), "--keep", f"{f:g}"])
+    steps = {}  # (fraction, kd) -> metrics at epochs / fraction epochs
+    for f in [float(x) for x in args.equal_steps.split(",") if x]:
+        epochs = round(args.epochs / f)
+        for kd in ("auto", "0"):
+            steps[f, kd] = cell(f"random-{f:g}-{'kd' if kd == 'auto' else 'nokd'}-{epochs}ep",
+                                recipe(epochs) + ["--score", "random", "--keep", f"{f:g}", "--kd-weight", kd])
     (out / "results.json").write_text(json.dumps({"args": vars(args), "full": full, "small": small,
-                                                  "cells": {"|".join(map(str, k)): v for k, v in cells.items()}},
+                                                  "cells": {"|".join(map(str, k)): v for k, v in cells.items()},
+                                                  "equal_steps": {"|".join(map(str, k)): v for k, v in steps.items()}},
                                                  indent=2, default=str))
     reference = "all data, no KD" + (" (the teacher's own training)" if args.reference == "teacher" else "")
     rows = [[reference, "–", f"{100 * full['test_top1']:.2f}", "–", "–", f"{full['wall_seconds']:.0f}"]]
@@ -128,11 +146,26 @@ def main() -> None:
         print(f"At {100 * f:g}% kept (random), KD from the smaller teacher `{args.small_teacher}` "
               f"({100 * small['teacher_test_top1']:.2f}%): {100 * small['test_top1']:.2f}%, against "
               f"{100 * cells['random', f, 'auto']['test_top1']:.2f}% from the full teacher.")
+    if steps:
+        rows = []
+        for f in sorted({f for f, _ in steps}):
+            kd, plain = steps[f, "auto"], steps[f, "0"]
+            gain = "–" if kd is None or plain is None else f"{100 * (kd['test_top1'] - plain['test_top1']):+.2f}"
+            rows.append(["random", f"{100 * f:g}%", str(round(args.epochs / f)), top1(kd), top1(plain), gain,
+                         "–" if kd is None or kd["wall_seconds"] is None else f"{kd['wall_seconds']:.0f}"])
+        print(markdown_table(["selection", "kept", "epochs", "student + KD top-1", "student top-1", "KD gain (pt)",
+                              "student + KD wall s"], rows,
+                             f"The same optimizer steps as the full-data run ({args.epochs} epochs on all data): "
+                             f"epochs / kept fraction on the kept set"))
     findings = []
     if cells.get(("random", 0.5, "auto")) is not None:
         gap = cells["random", 0.5, "auto"]["test_top1"] - full["test_top1"]
         findings.append(f"random 50% + KD: {100 * cells['random', 0.5, 'auto']['test_top1']:.2f}% against "
                         f"{100 * full['test_top1']:.2f}% on all data without KD ({100 * gap:+.2f} pt, target >= -0.5)")
+    if steps.get((0.5, "auto")) is not None:
+        gap = steps[0.5, "auto"]["test_top1"] - full["test_top1"]
+        findings.append(f"with the full run's optimizer steps ({round(args.epochs / 0.5)} epochs): "
+                        f"{100 * steps[0.5, 'auto']['test_top1']:.2f}% ({100 * gap:+.2f} pt)")
     for score in args.scores.split(","):
         gains = {f: cells[score, f, "auto"]["test_top1"] - cells[score, f, "0"]["test_top1"] for f in fractions
                  if cells[score, f, "auto"] is not None and cells[score, f, "0"] is not None}
