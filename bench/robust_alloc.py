@@ -14,7 +14,12 @@ on the same test images with the same noise (Cohen et al.'s CERTIFY); the paired
 noisy - clean (and constrained - clean) has its standard error over images.
 
     python bench/robust_alloc.py --model runs/r20-noise/train/model --data imagefolder:../shared/data/cifar10 \\
-        [--sigma 0.25] [--budgets 0.10 0.13] [--images 500] [--n 10000] [--report docs/benchmarks/robust_alloc.md]
+        [--sigma 0.25] [--budgets 0.10 0.13] [--images 500] [--n 10000] [--device cuda] \\
+        [--report docs/benchmarks/robust_alloc.md]
+
+Every model's certificates are saved in ``--out`` as soon as they are done and read back on a rerun
+with the same settings, so the full-scale run (500 images at n = 10,000: about 5 million forward
+passes per model) can be spread over several sittings.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=1024, help="calibration images (all three choices share them)")
     ap.add_argument("--selection-images", type=int, default=200)
     ap.add_argument("--selection-n", type=int, default=1000)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: quantization, evaluation and certification")
     ap.add_argument("--out", default="runs/bench-robust-alloc",
                     help="certificates per model (JSON, one subfolder per test setting), read back on a rerun")
     add_report_argument(ap)
@@ -64,15 +70,17 @@ def main() -> None:
 
     torch.manual_seed(0)
     data = load_data(DataSpec(source=args.data, calib_size=args.calib_size))
-    fp = load_model(args.model).eval()
+    device = torch.device(args.device)
+    fp = load_model(args.model).eval().to(device)
     step = max(1, len(data.test) // args.images)
     test_idx = torch.arange(0, len(data.test), step)[:args.images]
     test = data.test.subset(test_idx)
     held = data.held_out(args.selection_images, 0)
     selection = (held.as_float(held.images), held.labels)
     calib = [(x, y) for x, y in data.calib.batches(256)]
-    out = Path(args.out) / f"{Path(args.model).parent.parent.name}-sigma{args.sigma}-n{args.n}-n0{args.n0}-" \
-                           f"a{args.alpha}-i{len(test)}-calib{args.calib_size}-sel{args.selection_images}x{args.selection_n}"
+    setting = f"{Path(args.model).parent.parent.name}-sigma{args.sigma}-n{args.n}-n0{args.n0}-a{args.alpha}-" \
+              f"i{len(test)}-calib{args.calib_size}-sel{args.selection_images}x{args.selection_n}"
+    out = Path(args.out) / (setting + ("" if device.type == "cpu" else f"-{device.type}"))  # noise drawn on device
     out.mkdir(parents=True, exist_ok=True)
 
     def certify(model, name):
@@ -81,7 +89,7 @@ def main() -> None:
         if path.is_file():
             return json.loads(path.read_text())
         t0 = time.perf_counter()
-        smoothed = Smoothed(model.eval(), data.num_classes, args.sigma, batch_size=1000, seed=0)
+        smoothed = Smoothed(model.eval(), data.num_classes, args.sigma, batch_size=1000, seed=0, device=device)
         rows = []
         for start in range(0, len(test), 10):
             xs = test.as_float(test.images[start:start + 10])
@@ -107,7 +115,7 @@ def main() -> None:
         se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
         return mean, se
 
-    fp_top1, _ = top1_and_loss(fp, data.test)
+    fp_top1, _ = top1_and_loss(fp, data.test, device=device)
     fp_cert = summary(certify(fp, "fp32")["rows"])
     candidates = [int(b) for b in args.candidates.split(",")]
     table, notes = [], []
@@ -130,11 +138,11 @@ def main() -> None:
                 c = json.loads(cell.read_text())
             else:
                 t0 = time.perf_counter()
-                q, rep = quantize(fp, calib, QuantizeConfig(**base, **extra), seed=0,
+                q, rep = quantize(fp, calib, QuantizeConfig(**base, **extra), seed=0, device=device,
                                   selection=selection if "max_acr_loss" in extra else None,
                                   log=lambda msg: print(f"  [{name} {budget}] {msg}", file=sys.stderr, flush=True))
                 seconds = time.perf_counter() - t0
-                top1, _ = top1_and_loss(q, data.test)
+                top1, _ = top1_and_loss(q, data.test, device=device)
                 certify(q, f"{name}{tag}-b{budget}")
                 c = {"size": rep.metrics["size_fraction_of_fp32"], "avg_bits": rep.metrics["ip_average_bits"],
                      "top1": top1, "seconds": seconds, "rounds": rep.robust_rounds,
