@@ -148,7 +148,7 @@ def main() -> None:
                          f"({100 * teacher_top1:.2f}% top-1, all data); test top-1 on all test images"))
     print("Scoring cost, paid once per method before any student trains (the other cells of a method read its "
           "scores.csv through --scores): " + ", ".join(f"{k} {v:.0f} s" for k, v in scoring.items()) + ".")
-    if small is not None and cells["random", min(fractions), "auto"] is not None:
+    if small is not None and cells.get(("random", min(fractions), "auto")) is not None:
         f = min(fractions)
         print(f"At {100 * f:g}% kept (random), KD from the smaller teacher `{args.small_teacher}` "
               f"({100 * small['teacher_test_top1']:.2f}%): {100 * small['test_top1']:.2f}%, against "
@@ -185,7 +185,7 @@ def main() -> None:
             print(f"KD's gain ({score}): " + ", ".join(f"{100 * g:+.2f} pt at {100 * f:g}%" for f, g in gains.items())
                   + f" — {verdict} (the paper: largest at the smallest fraction).")
             findings.append(f"KD gain ({score}) {verdict}")
-    if small is not None and cells["random", min(fractions), "auto"] is not None:
+    if small is not None and cells.get(("random", min(fractions), "auto")) is not None:
         f = min(fractions)
         diff = small["test_top1"] - cells["random", f, "auto"]["test_top1"]
         findings.append(f"at {100 * f:g}% the smaller teacher {'wins' if diff > 0 else 'loses'} ({100 * diff:+.2f} pt)")
