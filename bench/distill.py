@@ -129,6 +129,9 @@ def main() -> None:
     def top1(m) -> str:
         return "not run yet" if m is None else f"{100 * m['test_top1']:.2f}"
 
+    def gain(kd, plain) -> str:
+        return "–" if kd is None or plain is None else f"{100 * (kd['test_top1'] - plain['test_top1']):+.2f}"
+
     def wall(m) -> str:
         """The cell's wall time less its scoring (the scoring cost has its own line)."""
         if m is None or m["wall_seconds"] is None:
@@ -138,9 +141,7 @@ def main() -> None:
     for score in args.scores.split(","):
         for f in fractions:
             kd, plain = cells[score, f, "auto"], cells[score, f, "0"]
-            gain = "–" if kd is None or plain is None else f"{100 * (kd['test_top1'] - plain['test_top1']):+.2f}"
-            rows.append([score, f"{100 * f:g}%", top1(kd), top1(plain), gain,
-                         wall(kd)])
+            rows.append([score, f"{100 * f:g}%", top1(kd), top1(plain), gain(kd, plain), wall(kd)])
     columns = ["selection", "kept", "student + KD top-1", "student top-1", "KD gain (pt)",
                "student + KD wall s (no scoring)"]
     print(markdown_table(columns, rows,
@@ -157,9 +158,8 @@ def main() -> None:
         rows = []
         for f in sorted({f for f, _ in steps}):
             kd, plain = steps[f, "auto"], steps[f, "0"]
-            gain = "–" if kd is None or plain is None else f"{100 * (kd['test_top1'] - plain['test_top1']):+.2f}"
-            rows.append(["random", f"{100 * f:g}%", str(round(args.epochs / f)), top1(kd), top1(plain), gain,
-                         wall(kd)])
+            rows.append(["random", f"{100 * f:g}%", str(round(args.epochs / f)), top1(kd), top1(plain),
+                         gain(kd, plain), wall(kd)])
         print(markdown_table(["selection", "kept", "epochs", "student + KD top-1", "student top-1", "KD gain (pt)",
                               "student + KD wall s"], rows,
                              f"The same optimizer steps as the full-data run ({args.epochs} epochs on all data): "
