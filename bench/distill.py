@@ -34,6 +34,7 @@ whole matrix takes hours on a CPU, so it is measured over several sittings.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -81,7 +82,13 @@ def main() -> None:
         if args.finished_only and not (out / f"{label}.usage.json").is_file():
             print(f"  {label}: not run yet (--finished-only)", file=sys.stderr, flush=True)
             return None
-        return run_deploypipe("distill", label, cell_args, out, args.threads)
+        metrics = run_deploypipe("distill", label, cell_args, out, args.threads)
+        if "resuming from the checkpoint" in (out / f"{label}.log").read_text(errors="replace"):
+            # its wall clock covers only the last sitting: count the training of every epoch instead
+            with open(out / label / "distill" / "epochs.csv") as f:
+                metrics["wall_seconds"] = sum(float(row["epoch_seconds"]) for row in csv.DictReader(f))
+            metrics["resumed"] = True
+        return metrics
 
     if args.reference == "teacher":
         full = _teacher_as_reference(args)
@@ -136,6 +143,8 @@ def main() -> None:
         """The cell's wall time less its scoring (the scoring cost has its own line)."""
         if m is None or m["wall_seconds"] is None:
             return "–"
+        if m.get("resumed"):
+            return f"{m['wall_seconds']:.0f} †"
         return f"{m['wall_seconds'] - m.get('score_seconds', 0.0):.0f}"
 
     for score in args.scores.split(","):
@@ -164,6 +173,9 @@ def main() -> None:
                               "student + KD wall s"], rows,
                              f"The same optimizer steps as the full-data run ({args.epochs} epochs on all data): "
                              f"epochs / kept fraction on the kept set"))
+    if any(m is not None and m.get("resumed") for m in [*cells.values(), *steps.values(), small]):
+        print("† Resumed from its checkpoint after an interruption: the sum of its epoch times (training and the "
+              "per-epoch test evaluation), because its wall clock covers only the last sitting.")
     findings = []
     if cells.get(("random", 0.5, "auto")) is not None:
         gap = cells["random", 0.5, "auto"]["test_top1"] - full["test_top1"]

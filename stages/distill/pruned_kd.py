@@ -125,8 +125,10 @@ def score_examples(student: nn.Module, train: Any, cfg: DistillConfig, device: t
 def train_student(student: nn.Module, kept: Any, cfg: DistillConfig, teacher: Optional[nn.Module],
                   weight: float, device: torch.device, seed: int, augment: Optional[Augment],
                   evaluate: Optional[Measure], callbacks: Iterable[Callback], checkpoint: Optional[Path],
-                  show_progress: bool) -> list[dict]:
-    """Train ``student`` (in place, from its current weights) on ``kept`` with KD weight ``weight``."""
+                  show_progress: bool) -> tuple[list[dict], float]:
+    """Train ``student`` (in place, from its current weights) on ``kept`` with KD weight ``weight``.
+    Returns the per-epoch history and the seconds of the epochs an earlier sitting ran (a resumed run
+    reads them back from its checkpoint; 0 otherwise)."""
     hooks: list[Callback] = []
     if teacher is not None and weight > 0:
         cacheable = isinstance(kept, ImageSet) and not (cfg.augment and augment is not None)
@@ -135,7 +137,9 @@ def train_student(student: nn.Module, kept: Any, cfg: DistillConfig, teacher: Op
     if evaluate is not None:
         hooks.append(Evaluate(evaluate, cfg.epochs, cfg.eval_every))
     options = _options(cfg, cfg.epochs, seed, augment, show_progress, "student")
-    return Trainer(student, options, device, [*hooks, *callbacks], checkpoint=checkpoint).fit(kept)
+    trainer = Trainer(student, options, device, [*hooks, *callbacks], checkpoint=checkpoint)
+    history = trainer.fit(kept)
+    return history, sum(h["epoch_seconds"] for h in history[:trainer.resumed_from])
 
 
 class LoaderData:
@@ -221,12 +225,13 @@ def distill(student: nn.Module, train: Any, config: Optional[DistillConfig] = No
             model = student if (i == 0 and with_kd) else copy.deepcopy(student)
             model.load_state_dict(initial)
             t1 = time.perf_counter()
-            history = train_student(model, kept, cfg, teacher, weight, device, seed, augment, evaluate,
+            history, earlier = train_student(model, kept, cfg, teacher, weight, device, seed, augment, evaluate,
                                     callbacks if model is student else (), checkpoint if model is student else None,
                                     show_progress)
             results[keep, with_kd] = (model, history, selection, weight)
             if model is student:
-                metrics["train_seconds"] = time.perf_counter() - t1
+                # a resumed run counts the epochs of its earlier sitting too: the whole training's time
+                metrics["train_seconds"] = time.perf_counter() - t1 + earlier
     model, history, selection, weight = results[cfg.keep[0], True]
     sweep = []
     for (keep, with_kd), (_m, hist, sel, w) in results.items():

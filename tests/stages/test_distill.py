@@ -5,6 +5,7 @@ training bit for bit, a resumed distill equal to an uninterrupted one, and the s
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -150,6 +151,12 @@ def test_kd_weight_zero_without_teacher_is_plain_training_bit_for_bit():
 
 
 class _Stop(Callback):
+    """Interrupts after the first epoch, which it makes last at least 0.3 s."""
+
+    def end_of_epoch(self, epoch, model):
+        time.sleep(0.3)
+        return {}
+
     def on_epoch(self, row):
         if row["epoch"] == 1:
             raise KeyboardInterrupt
@@ -166,12 +173,14 @@ def test_a_resumed_distill_equals_an_uninterrupted_one(tmp_path):
     def run(checkpoint=None, callbacks=()):
         torch.manual_seed(0)
         return dp.distill(digits_cnn(), data.train, cfg, teacher=teacher, seed=2, checkpoint=checkpoint,
-                          callbacks=callbacks)[0]
+                          callbacks=callbacks)
 
-    straight = run()
+    straight, _ = run()
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "ckpt.pt", [_Stop()])
-    resumed = run(tmp_path / "ckpt.pt")
+    resumed, report = run(tmp_path / "ckpt.pt")
+    # its training time counts the epoch before the interruption (>= 0.3 s) too, not only the resumed ones
+    assert report.metrics["train_seconds"] >= sum(h["epoch_seconds"] for h in report.history) >= 0.3
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
     assert not all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(),
