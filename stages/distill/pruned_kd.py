@@ -225,9 +225,9 @@ def distill(student: nn.Module, train: Any, config: Optional[DistillConfig] = No
             model = student if (i == 0 and with_kd) else copy.deepcopy(student)
             model.load_state_dict(initial)
             t1 = time.perf_counter()
-            history, earlier = train_student(model, kept, cfg, teacher, weight, device, seed, augment, evaluate,
-                                    callbacks if model is student else (), checkpoint if model is student else None,
-                                    show_progress)
+            history, earlier = train_student(model, kept, cfg, teacher, weight, device, seed, augment,
+                                             evaluate, callbacks if model is student else (),
+                                             checkpoint if model is student else None, show_progress)
             results[keep, with_kd] = (model, history, selection, weight)
             if model is student:
                 # a resumed run counts the epochs of its earlier sitting too: the whole training's time
