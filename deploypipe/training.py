@@ -227,6 +227,12 @@ class Trainer:
         self.step = 0
         self.resumed_from = 0  # epochs read back from the checkpoint
 
+    @property
+    def resumed_seconds(self) -> float:
+        """Seconds of the epochs an earlier sitting ran, read back from the checkpoint (0 when not resumed):
+        a resumed run adds them to its own time to report the whole training's."""
+        return sum(h["epoch_seconds"] for h in self.history[:self.resumed_from])
+
     def steps_per_epoch(self, data: Any) -> int:
         if isinstance(data, ImageSet):
             return math.ceil(len(data) / self.options.batch_size)

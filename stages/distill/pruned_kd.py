@@ -139,7 +139,7 @@ def train_student(student: nn.Module, kept: Any, cfg: DistillConfig, teacher: Op
     options = _options(cfg, cfg.epochs, seed, augment, show_progress, "student")
     trainer = Trainer(student, options, device, [*hooks, *callbacks], checkpoint=checkpoint)
     history = trainer.fit(kept)
-    return history, sum(h["epoch_seconds"] for h in history[:trainer.resumed_from])
+    return history, trainer.resumed_seconds
 
 
 class LoaderData:
