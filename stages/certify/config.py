@@ -7,8 +7,8 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from deploypipe.schema import Schema
+from deploypipe.smoothing import CPU_FORWARD_BATCH
 
-CPU_FORWARD_BATCH = 64  # a CPU runs small networks faster on chunks that stay in its caches
 MIN_FORWARD_CHUNK = 8  # out of memory: halve the forward chunk down to this before the batch size (other noise)
 
 

@@ -35,7 +35,7 @@ from deploypipe.stage import Preflight, StageContext, StageResult, register
 
 from .classifier import (Autocast, base_classifier, check_outputs, load_saved, probe_halves, probe_images,
                          weights_hash)
-from .config import CPU_FORWARD_BATCH, CertifyConfig
+from .config import CertifyConfig
 from .report import plot_curves, reference_metrics, summarize
 from .runner import certify_rows, reused_certificates, select_images
 from .runtime import OnnxClassifier
@@ -44,8 +44,8 @@ from deploypipe.smoothing import DualSmoothed, Smoothed, split
 
 def _smoothed(models: tuple, cfg: CertifyConfig, num_classes: int, seed: int, device: torch.device) -> Smoothed:
     """The smoothed classifier of the base classifier(s): RS of one, DRS of a left and a right side."""
-    forward = cfg.forward_batch or (CPU_FORWARD_BATCH if torch.device(device).type == "cpu" else None)
-    kwargs = {"batch_size": cfg.batch_size, "forward_batch": forward, "seed": seed, "device": device}
+    kwargs = {"batch_size": cfg.batch_size, "forward_batch": cfg.forward_batch or "auto", "seed": seed,
+              "device": device}
     if cfg.method == "drs":
         return DualSmoothed(models[0], num_classes, cfg.sigma, right=models[1], **kwargs)
     return Smoothed(models[0], num_classes, cfg.sigma, **kwargs)

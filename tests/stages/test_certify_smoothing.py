@@ -222,6 +222,24 @@ def test_several_images_per_pass_give_each_image_its_own_result():
     assert chunked == alone and (f.calls, f.largest) == (8, 64)  # 500 copies: 7 x 64 + 52
 
 
+def test_smoothed_on_the_cpu_feeds_the_model_small_chunks_by_default_with_the_same_votes():
+    from deploypipe.smoothing import CPU_FORWARD_BATCH, Smoothed
+
+    f = Counting(3 * 4 * 4, 2)
+    xs = torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    auto = Smoothed(f, 10, 0.3, batch_size=1000)
+    assert auto.forward_batch == CPU_FORWARD_BATCH  # a callable without parameters runs on the CPU
+    chunked = auto.certify_batch(xs, 20, 300, 0.01, indices=[0, 1, 2])
+    assert f.largest == CPU_FORWARD_BATCH and auto.predict(xs[0], 300, 0.01, index=0) in range(-1, 10)
+    assert f.largest == CPU_FORWARD_BATCH  # PREDICT is chunked too
+    f.largest = 0
+    whole = Smoothed(f, 10, 0.3, batch_size=1000, forward_batch=None).certify_batch(xs, 20, 300, 0.01,
+                                                                                    indices=[0, 1, 2])
+    assert f.largest == 3 * 320 and whole == chunked
+    with pytest.raises(ValueError, match="forward_batch"):
+        Smoothed(f, 10, 0.3, forward_batch=0)
+
+
 def test_vote_counts_are_exact_counts_of_the_noisy_predictions():
     f = Counting(2 * 2 * 2, 3)
     x = torch.rand(2, 2, 2)
