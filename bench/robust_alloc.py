@@ -64,15 +64,17 @@ def main() -> None:
     from deploypipe.config import DataSpec
     from deploypipe.data import load_data
     from deploypipe.evaluation import top1_and_loss
-    from deploypipe.models import load_model
+    from deploypipe.models import load_model, read_record, save_model
     from deploypipe.smoothing import ABSTAIN, Smoothed
     from deploypipe.stages.quantize.config import QuantizeConfig
     from deploypipe.stages.quantize.ptq import quantize
+    from deploypipe.stages.quantize.modules import TRANSFORM_MODULE
 
     torch.manual_seed(0)
     data = load_data(DataSpec(source=args.data, calib_size=args.calib_size))
     device = torch.device(args.device)
     fp = load_model(args.model).eval().to(device)
+    record = read_record(args.model)
     step = max(1, len(data.test) // args.images)
     test_idx = torch.arange(0, len(data.test), step)[:args.images]
     test = data.test.subset(test_idx)
@@ -85,30 +87,34 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     def certify(model, name):
-        """The certificates of ``model`` on the test images (read back when ``name`` was certified before)."""
-        path = out / f"{name}.json"
+        """The certificates of ``model`` on the test images (read back when ``name`` was certified before;
+        an interrupted one goes on from its last group of 10 images: image i's noise depends on i only)."""
+        path, partial = out / f"{name}.json", out / f"{name}.partial.json"
         if path.is_file():
             return json.loads(path.read_text())
+        done = json.loads(partial.read_text()) if partial.is_file() else {"rows": [], "seconds": 0.0}
+        rows, before = done["rows"], done["seconds"]
         t0 = time.perf_counter()
         smoothed = Smoothed(model.eval(), data.num_classes, args.sigma, batch_size=1000, seed=0, device=device)
-        rows = []
-        for start in range(0, len(test), 10):
+        for start in range(len(rows), len(test), 10):
             xs = test.as_float(test.images[start:start + 10])
             certs = smoothed.certify_batch(xs, args.n0, args.n, args.alpha,
                                            indices=list(range(start, start + len(xs))))
             for c, y in zip(certs, test.labels[start:start + 10].tolist()):
                 rows.append({"correct": c.prediction != ABSTAIN and c.prediction == y, "radius": c.radius})
-            print(f"  certify {name}: {len(rows)}/{len(test)} images, {time.perf_counter() - t0:.0f} s",
-                  file=sys.stderr, flush=True)
-        result = {"rows": rows, "seconds": time.perf_counter() - t0}
+            seconds = before + time.perf_counter() - t0
+            partial.write_text(json.dumps({"rows": rows, "seconds": seconds}))
+            print(f"  certify {name}: {len(rows)}/{len(test)} images, {seconds:.0f} s", file=sys.stderr, flush=True)
+        result = {"rows": rows, "seconds": before + time.perf_counter() - t0}
         path.write_text(json.dumps(result))
+        partial.unlink(missing_ok=True)
         return result
 
     def summary(rows):
         radii = [r["radius"] if r["correct"] else 0.0 for r in rows]
-        return {"acr": sum(radii) / len(radii),
-                **{f"ca{r}": sum(1 for x in rows if x["correct"] and x["radius"] >= r) / len(rows) for r in (0.25, 0.5)},
-                "radii": radii}
+        certified = {f"ca{r}": sum(1 for x in rows if x["correct"] and x["radius"] >= r) / len(rows)
+                     for r in (0.25, 0.5)}
+        return {"acr": sum(radii) / len(radii), **certified, "radii": radii}
 
     def paired(a, b):
         d = [x - y for x, y in zip(a, b)]
@@ -134,9 +140,12 @@ def main() -> None:
         results, layers = {}, {}
         for name, extra in variants.items():
             tag = f"-loss{args.max_acr_loss}" if name == "constrained" else ""
-            cell = out / f"{name}{tag}-b{budget}.cell.json"  # a finished cell is read back on a rerun
+            cell = out / f"{name}{tag}-b{budget}.cell.json"  # a quantized cell is read back on a rerun
+            saved = out / f"{name}{tag}-b{budget}.model"  # and its model, until its certificates are done
             if cell.is_file():
                 c = json.loads(cell.read_text())
+                if not (out / f"{name}{tag}-b{budget}.json").is_file():
+                    certify(load_model(saved).to(device), f"{name}{tag}-b{budget}")
             else:
                 t0 = time.perf_counter()
                 q, rep = quantize(fp, calib, QuantizeConfig(**base, **extra), seed=0, device=device,
@@ -144,11 +153,12 @@ def main() -> None:
                                   log=lambda msg: print(f"  [{name} {budget}] {msg}", file=sys.stderr, flush=True))
                 seconds = time.perf_counter() - t0
                 top1, _ = top1_and_loss(q, data.test, device=device)
-                certify(q, f"{name}{tag}-b{budget}")
+                save_model(q, record.with_transform("quantize", TRANSFORM_MODULE, rep.transform), saved)
                 c = {"size": rep.metrics["size_fraction_of_fp32"], "avg_bits": rep.metrics["ip_average_bits"],
                      "top1": top1, "seconds": seconds, "rounds": rep.robust_rounds,
                      "selection_fp_acr": rep.metrics.get("selection_fp_acr"), "layers": rep.bit_allocation}
                 cell.write_text(json.dumps(c))
+                certify(q, f"{name}{tag}-b{budget}")
             cert = summary(certify(None, f"{name}{tag}-b{budget}")["rows"])
             results[name] = cert
             layers[name] = c.get("layers")
