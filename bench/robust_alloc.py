@@ -2,16 +2,18 @@
 certified radius than choosing them on clean calibration KL, at the same size?
 
 A base classifier trained with Gaussian noise (sigma) is quantized to mixed precision, weight
-candidates {2, 3, 4, 8} (first and last layer at 8 bits, inputs at 8 bits), at each size budget, three
+candidates {2, 3, 4, 8} (first and last layer at 8 bits, inputs at 8 bits), at each size budget, four
 ways:
 - clean:   layer deltas = calibration KL on clean images (today's default);
 - noisy:   layer deltas = KL on calibration images noised at sigma (``sensitivity noisy``);
+- votes:   layer deltas = drop of the FP top-class vote probability over 16 noisy copies of each
+  calibration image (``sensitivity votes``);
 - constrained: noisy deltas plus ``max_acr_loss`` checked by certifying on a held-out selection subset
   of the training data (re-solved with a larger budget while it is violated; never the test split).
-All three calibrate the same way (round-to-nearest with MSE ranges on calibration images noised at
+All four calibrate the same way (round-to-nearest with MSE ranges on calibration images noised at
 sigma, ``calib_noise_sigma``); only the choice differs. Each model (and the FP32 one) is then certified
 on the same test images with the same noise (Cohen et al.'s CERTIFY); the paired ACR difference
-noisy - clean (and constrained - clean) has its standard error over images.
+noisy - clean (votes - clean, constrained - clean) has its standard error over images.
 
     python bench/robust_alloc.py --model runs/r20-noise/train/model --data imagefolder:../shared/data/cifar10 \\
         [--sigma 0.25] [--budgets 0.10 0.13] [--images 500] [--n 10000] [--device cuda] \\
@@ -56,7 +58,7 @@ def main() -> None:
                     help="certificates per model (JSON, one subfolder per test setting), read back on a rerun")
     add_report_argument(ap)
     args = ap.parse_args()
-    report = Report(args.report, "Robustness-aware bit allocation: clean KL vs noisy sensitivity vs certified "
+    report = Report(args.report, "Robustness-aware bit allocation: clean KL vs noisy KL vs vote drop vs certified "
                                  "constraint").start()
 
     import torch
@@ -135,7 +137,7 @@ def main() -> None:
         base = dict(weight_bits=8, act_bits=8, method="rtn", bit_candidates=candidates, budget=budget,
                     calib_noise_sigma=args.sigma, export_onnx=False, sigma=args.sigma,
                     selection_images=args.selection_images, selection_n=args.selection_n)
-        variants = {"clean": {}, "noisy": {"sensitivity": "noisy"},
+        variants = {"clean": {}, "noisy": {"sensitivity": "noisy"}, "votes": {"sensitivity": "votes"},
                     "constrained": {"sensitivity": "noisy", "max_acr_loss": args.max_acr_loss}}
         results, layers = {}, {}
         for name, extra in variants.items():
@@ -177,8 +179,9 @@ def main() -> None:
                     f"Re-solve rounds at budget {budget:g} (selection subset: {args.selection_images} training "
                     f"images outside the calibration set, n = {args.selection_n}; FP32 selection ACR "
                     f"{c['selection_fp_acr']:.3f})"))
-        if layers.get("clean") and layers.get("noisy"):
-            agreement.append(_agreement(budget, layers["clean"], layers["noisy"], candidates))
+        for name in ("noisy", "votes"):
+            if layers.get("clean") and layers.get(name):
+                agreement.append(_agreement(budget, name, layers["clean"], layers[name], candidates))
     print(markdown_table(columns, table, f"{type(fp).__name__} from {args.model}, sigma = {args.sigma}: {len(test)} "
                                          f"test images (every {step}-th), n = {args.n}, n0 = {args.n0}, "
                                          f"alpha = {args.alpha}; {args.calib_size} calibration images"))
@@ -186,10 +189,10 @@ def main() -> None:
         print(note)
     if agreement:
         print(markdown_table(
-            ["budget", "Spearman rho, all (layer, bits) deltas", "rho per candidate (layers ranked)",
+            ["budget", "deltas", "Spearman rho with clean KL, all (layer, bits)", "rho per candidate (layers ranked)",
              "layers whose bits differ", "program layers"], agreement,
-            "Do the noisy deltas rank the choices differently from the clean ones? (the program's objective is the "
-            "sum of the chosen deltas, so equal rankings give the same allocation)"))
+            "Do the robustness-aware deltas rank the choices differently from the clean ones? (the program's "
+            "objective is the sum of the chosen deltas, so equal rankings give the same allocation)"))
     print("ACR vs clean: the mean over the same test images (same noise) of the radius difference, 0 when not "
           "certified correct, with its standard error. Size: deployed storage (storage_bytes: weights at "
           "their bits with their 32-bit scales, every other parameter and buffer at its dtype) as a fraction of FP32.")
@@ -199,8 +202,8 @@ def main() -> None:
                            "the selection subset, may grow the size)")
 
 
-def _agreement(budget: float, clean: list[dict], noisy: list[dict], candidates: list[int]) -> list:
-    """Rank agreement of the clean and noisy delta tables, and how many layers the two choices differ on."""
+def _agreement(budget: float, name: str, clean: list[dict], noisy: list[dict], candidates: list[int]) -> list:
+    """Rank agreement of the clean and the ``name`` delta tables, and how many layers the two choices differ on."""
     from scipy.stats import spearmanr
 
     from deploypipe.stages.quantize.mixed_precision import precision_label
@@ -211,7 +214,8 @@ def _agreement(budget: float, clean: list[dict], noisy: list[dict], candidates: 
     per = ", ".join(f"{precision_label(bits)}-bit {spearmanr([r[k] for r in clean], [r[k] for r in noisy])[0]:.3f}"
                     for bits, k in zip(candidates, keys) if bits != max(candidates))  # top: delta ~0 everywhere
     differ = sum(c["bits"] != n["bits"] for c, n in zip(clean, noisy))
-    return [f"{budget:g}", f"{spearmanr(a, b)[0]:.3f}", per, str(differ), str(len(clean))]
+    label = {"noisy": "noisy KL", "votes": "vote drop"}[name]
+    return [f"{budget:g}", label, f"{spearmanr(a, b)[0]:.3f}", per, str(differ), str(len(clean))]
 
 
 if __name__ == "__main__":

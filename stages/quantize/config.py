@@ -88,10 +88,14 @@ class QuantizeConfig(Schema):
         0.0, ge=0,
         description="Gaussian noise on the [0,1] calibration images (a base classifier for randomized smoothing sees "
                     "noisy inputs: calibrate on those; e.g. the train stage's noise_sigma); 0 = clean")
-    sensitivity: Literal["clean", "noisy"] = Field(
+    sensitivity: Literal["clean", "noisy", "votes"] = Field(
         "clean",
-        description="with bit_candidates: measure each layer's loss delta on the clean calibration images, or on "
-                    "Gaussian-noised ones at sigma (what randomized smoothing will feed the base classifier)")
+        description="with bit_candidates: each layer's delta is the KL on the clean calibration images (clean), the KL "
+                    "on Gaussian-noised ones at sigma (noisy: what randomized smoothing will feed the base "
+                    "classifier), or the drop of the FP model's top-class vote probability over sensitivity_copies "
+                    "noisy copies of each (votes: what the certificate is made of)")
+    sensitivity_copies: int = Field(
+        16, ge=1, description="sensitivity votes: noisy copies of each calibration image (the same for every layer)")
     sigma: Optional[float] = Field(
         None, gt=0, description="the certification noise level, for sensitivity noisy and the certified constraints")
     max_acr_loss: Optional[float] = Field(
@@ -176,11 +180,14 @@ class QuantizeConfig(Schema):
         constrained = [k for k in ("max_acr_loss", "min_certified_accuracy") if getattr(self, k) is not None]
         if len(constrained) > 1:
             raise ValueError("give one of max_acr_loss and min_certified_accuracy, not both")
-        if (self.sensitivity == "noisy" or constrained) and self.sigma is None:
-            raise ValueError(f"{constrained[0] if constrained else 'sensitivity noisy'} needs the certification noise "
-                             "level: set sigma (e.g. --sigma 0.25, the noise the model was trained with)")
-        if self.sensitivity == "noisy" and self.bit_candidates is None:
-            raise ValueError("sensitivity noisy chooses per-layer precisions: it needs bit_candidates (e.g. 2,3,4,8)")
+        noisy = self.sensitivity != "clean"
+        if (noisy or constrained) and self.sigma is None:
+            what = constrained[0] if constrained else f"sensitivity {self.sensitivity}"
+            raise ValueError(f"{what} needs the certification noise level: set sigma (e.g. --sigma 0.25, the noise "
+                             "the model was trained with)")
+        if noisy and self.bit_candidates is None:
+            raise ValueError(f"sensitivity {self.sensitivity} chooses per-layer precisions: it needs bit_candidates "
+                             "(e.g. 2,3,4,8)")
         if constrained and (self.bit_candidates is None or self.max_loss is not None):
             raise ValueError(f"{constrained[0]} re-solves the bit allocation under a budget: give bit_candidates and "
                              "one of budget, avg_bits or max_latency_ms (not max_loss)")

@@ -51,6 +51,43 @@ def divergence(q_out: torch.Tensor, fp_out: torch.Tensor) -> torch.Tensor:
     return (err / fp_out.float().pow(2).flatten(1).sum(1).clamp_min(1e-12)).sum()
 
 
+class VoteLoss:
+    """The sensitivity "votes": 1 minus the vote probability of each image's smoothed FP top class,
+    over noisy copies (``copies``: one batch source per copy, each yielding the calibration images in
+    the same order). A layer's delta, this loss with the layer swapped minus the base model's, is the
+    drop of the top-class vote probability that randomized smoothing's certificate is built from."""
+
+    def __init__(self, fp: nn.Module, copies: list[Callable[[], Iterable[Batch]]]):
+        self.copies = copies
+        with torch.no_grad():
+            votes = [self._predictions(fp, source) for source in copies]
+        k = 1 + max(int(v.max()) for v in votes)
+        counts = sum(F.one_hot(v, k) for v in votes)
+        self.top = counts.argmax(1)  # ties: the lowest class, as the certificate's argmax
+
+    @staticmethod
+    def _predictions(model: nn.Module, source: Callable[[], Iterable[Batch]]) -> torch.Tensor:
+        out = []
+        for x in source():
+            logits = output_tensor(call(model, x))
+            if logits.dim() != 2:
+                raise ValueError(f"sensitivity votes needs a classifier (N x classes logits), got an output of shape "
+                                 f"{tuple(logits.shape)} — fix: use sensitivity noisy")
+            out.append(logits.argmax(1))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> float:
+        hits = sum(int((self._predictions(model, source) == self.top.to(self._device(model))).sum())
+                   for source in self.copies)
+        return 1.0 - hits / (len(self.top) * len(self.copies))
+
+    @staticmethod
+    def _device(model: nn.Module) -> torch.device:
+        first = next(model.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def calibration_kl(fp: nn.Module, q: nn.Module, batches: Callable[[], Iterable[Batch]]) -> float:
     """The mean ``divergence`` of ``q`` from ``fp`` over the calibration batches (the calibration loss:
@@ -78,14 +115,17 @@ def measure_deltas(fp: nn.Module, q_base: nn.Module, names: list[str], candidate
                    batches: Callable[[], Iterable[Batch]], weight_range: str = "mse",
                    settings: Optional[AdaQuantSettings] = None, cache_budget_bytes: int = 1 << 30,
                    seed: int = 0, measure_batches: Optional[Callable[[], Iterable[Batch]]] = None,
-                   show_progress: bool = False) -> tuple[dict, dict]:
+                   show_progress: bool = False, loss: Optional[Callable[[nn.Module], float]] = None
+                   ) -> tuple[dict, dict]:
     """Delta-loss table {layer: {bits: dloss}} and the calibrated layer for every (layer, bits).
     The base model has every layer at the highest integer candidate (the FP16 candidate is measured
-    against it like the others). Layers are calibrated on ``batches``; the loss is measured on
-    ``measure_batches`` (default: the same; the noisy sensitivity passes noised calibration images)."""
+    against it like the others). Layers are calibrated on ``batches``; the loss is the KL from the FP
+    model on ``measure_batches`` (default: the same; the noisy sensitivity passes noised calibration
+    images), or ``loss`` (a function of the model, e.g. ``VoteLoss``)."""
     top = max(b for b in candidates if b != FP16)
     measure_batches = measure_batches or batches
-    base_loss = calibration_kl(fp, q_base, measure_batches)
+    loss = loss or (lambda model: calibration_kl(fp, model, measure_batches))
+    base_loss = loss(q_base)
     relus = relu_followers(fp)
     g = torch.Generator().manual_seed(seed)
     stats = CacheStats()
@@ -106,7 +146,7 @@ def measure_deltas(fp: nn.Module, q_base: nn.Module, names: list[str], candidate
                     x, y = fit_budget(x, F.relu(y) if name in relus else y, cache_budget_bytes, name, stats, g)
                 adaquant_layer(cand, x, y, relu=name in relus, settings=settings, generator=g)
             replace_module(q_base, name, cand)
-            dloss[name][bits] = calibration_kl(fp, q_base, measure_batches) - base_loss
+            dloss[name][bits] = loss(q_base) - base_loss
             replace_module(q_base, name, base)
             layers[name, bits] = cand
     return dloss, layers

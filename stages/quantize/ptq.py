@@ -31,7 +31,7 @@ from .attention import convert_attention
 from .bit_allocation import Allocation, allocate_bits
 from .calibrate import adaquant_model, init_ranges, init_tensor_ranges
 from .config import QuantizeConfig
-from .mixed_precision import (assemble, cost_table, layer_macs, measure_deltas, model_bops, precision_label,
+from .mixed_precision import (VoteLoss, assemble, cost_table, layer_macs, measure_deltas, model_bops, precision_label,
                               read_latency_table)
 from .modules import QuantLayer, conv_bn_pairs, fold_batchnorm, quantizable_layers, select_layers, wrap_layers
 from .quantizer import FP16
@@ -286,8 +286,13 @@ def quantize(model: nn.Module, calib: Any, config: Optional[QuantizeConfig] = No
         free = _free(cfg, chosen, names)
         sensing = batches if cfg.sensitivity == "clean" else calibration_batches(calib, cfg, seed, device,
                                                                                   sigma=cfg.sigma, stream="sensitivity")
+        votes = None
+        if cfg.sensitivity == "votes":  # copy j of image i: noise_generator(seed, "sensitivity-votes-j", i)
+            votes = VoteLoss(fp, [calibration_batches(calib, cfg, seed, device, sigma=cfg.sigma,
+                                                      stream=f"sensitivity-votes-{j}")
+                                  for j in range(cfg.sensitivity_copies)])
         q = _mixed_precision(cfg, fp, q, free, plan, batches, sensing, example, seed, report,
-                             timed if evaluate else None, selection, log, show_progress)
+                             timed if evaluate else None, selection, log, show_progress, votes)
         share_input_grids(q, tensor_quant)
         measured("mixed_", q)
     if cfg.bn_tuning:
@@ -382,8 +387,9 @@ def _free(cfg: QuantizeConfig, chosen: list[str], names: list[str]) -> list[str]
 def _mixed_precision(cfg: QuantizeConfig, fp: nn.Module, q: nn.Module, names: list[str], plan: dict, batches,
                      sensing, example: B.Batch, seed: int, report: QuantizeReport, evaluate: Optional[Measure],
                      selection: Optional[tuple[torch.Tensor, torch.Tensor]], log: Callable[[str], None],
-                     show_progress: bool = False) -> nn.Module:
-    """Measure delta-loss per (layer, precision) on the ``sensing`` batches (clean or noisy), solve the
+                     show_progress: bool = False, votes: Optional[VoteLoss] = None) -> nn.Module:
+    """Measure delta-loss per (layer, precision) on the ``sensing`` batches (clean or noisy; with
+    ``votes``, the drop of the top-class vote probability over noisy copies), solve the
     integer program, assemble the chosen model (re-solved under a certified constraint; with a sweep,
     every sweep budget solved on the same deltas)."""
     settings = cfg.adaquant_settings() if cfg.method == "adaquant" else None
@@ -396,9 +402,12 @@ def _mixed_precision(cfg: QuantizeConfig, fp: nn.Module, q: nn.Module, names: li
     constraint = cfg.certified_constraint()
     dloss, layers = measure_deltas(fp, q, names, candidates, batches, cfg.weight_range, settings,
                                    int(cfg.cache_budget_mb * 2**20), seed, measure_batches=sensing,
-                                   show_progress=show_progress)
+                                   show_progress=show_progress, loss=votes)
     if cfg.sensitivity == "noisy":
         log(f"layer sensitivities measured on calibration images with Gaussian noise sigma {cfg.sigma}")
+    elif cfg.sensitivity == "votes":
+        log(f"layer sensitivities: drop of the top-class vote probability over {cfg.sensitivity_copies} noisy "
+            f"copies (sigma {cfg.sigma}) of each calibration image")
     if constraint is not None:
         alloc = _certified_allocation(cfg, fp, q, dloss, layers, budget, limit, constraint, selection, seed, report,
                                       log)

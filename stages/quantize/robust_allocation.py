@@ -2,7 +2,9 @@
 
 The integer program chooses precisions from per-layer loss deltas (mixed_precision.py). With
 ``sensitivity noisy`` those deltas are measured on Gaussian-noised calibration images at the
-certification sigma, so they describe what randomized smoothing feeds the base classifier. A
+certification sigma, so they describe what randomized smoothing feeds the base classifier; with
+``sensitivity votes`` each delta is the drop of the FP top class's vote probability over several noisy
+copies of each calibration image (``VoteLoss``), the quantity the certificate's bound is taken on. A
 certified constraint goes further: the assembled model is certified (Cohen et al.'s CERTIFY,
 deploypipe.smoothing) on a held-out *selection* subset of the training data — never the test split —
 and compared with the FP model certified on the same images with the same noise:

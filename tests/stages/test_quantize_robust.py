@@ -29,13 +29,16 @@ def _images(n: int, seed: int) -> torch.Tensor:
     return torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
 
 
-def _direct_delta(net: nn.Module, calib: torch.Tensor, layer: int, bits: int, sigma: float, seed: int) -> float:
+def _direct_delta(net: nn.Module, calib: torch.Tensor, layer: int, bits: int, sigma: float, seed: int,
+                  copies: int = 0) -> float:
     """KL(FP || quantized) on the noised calibration images with only ``layer`` at ``bits`` minus the
     same with every layer at 8 bits, from the definition: weights per output channel on the symmetric
     min-max grid, inputs per tensor on the min-max grid of the clean calibration inputs, biases on the
     grid of input scale x weight scale. The layers
     run in float32 as the model does (in float64 a few activations land on the other side of a
-    rounding boundary); the KL is taken in float64."""
+    rounding boundary); the KL is taken in float64. ``copies`` > 0: instead of the KL, the drop of the
+    vote probability of each image's FP top class (the most FP votes over the copies, ties to the
+    lower class) over ``copies`` noisy copies, copy j's noise from the stream "sensitivity-votes-j"."""
     linears = [1, 3, 5]
     w = {i: net[i].weight.detach() for i in linears}
     b = {i: net[i].bias.detach() for i in linears}
@@ -70,6 +73,20 @@ def _direct_delta(net: nn.Module, calib: torch.Tensor, layer: int, bits: int, si
         return float((p.exp() * (p - q.log_softmax(1))).sum(1).mean())
 
     base = {i: (8, act_scale[i]) for i in linears}
+    if copies:
+        noisy_copies = [torch.stack([x + gaussian(x.shape, sigma, noise_generator(seed, f"sensitivity-votes-{j}", k))
+                                     for k, x in enumerate(calib)]) for j in range(copies)]
+        counts = torch.zeros(len(calib), 5)
+        for xs in noisy_copies:
+            for k, c in enumerate(forward(xs)[0].argmax(1).tolist()):
+                counts[k, c] += 1
+        top = [max(range(5), key=lambda c: (row[c], -c)) for row in counts.tolist()]  # ties: the lower class
+
+        def vote_probability(quant):
+            return sum(int(c == t) for xs in noisy_copies
+                       for c, t in zip(forward(xs, quant)[0].argmax(1).tolist(), top)) / (len(calib) * copies)
+
+        return vote_probability(base) - vote_probability({**base, layer: (bits, act_scale[layer])})
     return kl({**base, layer: (bits, act_scale[layer])}) - kl(base)
 
 
@@ -85,6 +102,24 @@ def test_noisy_sensitivity_equals_a_direct_computation(sensitivity):
         for bits in (2, 4):
             direct = _direct_delta(net, calib, layer, bits, 0.5 if sensitivity == "noisy" else 0.0, seed=3)
             assert got[str(layer)][f"dloss_w{bits}"] == pytest.approx(direct, rel=1e-3, abs=1e-6)
+
+
+def test_vote_sensitivity_is_the_drop_of_the_top_class_vote_probability():
+    net, calib = _net(), _images(64, 1)
+    cfg = QuantizeConfig(weight_bits=8, act_bits=8, first_last_bits=None, method="rtn", weight_range="minmax",
+                         act_range="minmax", residual_bits=None, bit_candidates=[2, 4, 8], budget=0.5,
+                         sensitivity="votes", sensitivity_copies=4, sigma=0.5, export_onnx=False, calib_batch_size=32)
+    _, report = quantize(net, calib, cfg, seed=3)
+    got = {r["layer"]: r for r in report.bit_allocation}
+    deltas = []
+    for layer in (1, 3, 5):
+        for bits in (2, 4):
+            direct = _direct_delta(net, calib, layer, bits, 0.5, seed=3, copies=4)
+            assert got[str(layer)][f"dloss_w{bits}"] == pytest.approx(direct, abs=1e-9)
+            deltas.append(direct)
+    assert max(deltas) >= 3 / 256  # 2-bit layers lose votes: the comparison is not between zeros
+    with pytest.raises(ValueError, match="sensitivity votes needs the certification noise"):
+        QuantizeConfig(bit_candidates=[2, 8], budget=0.5, sensitivity="votes")
 
 
 def test_noisy_and_clean_sensitivities_differ_and_need_sigma():
