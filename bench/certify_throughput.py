@@ -85,10 +85,10 @@ def main() -> None:
     from deploypipe.config import DataSpec
     from deploypipe.data import load_data
     from deploypipe.models import load_model
-    from deploypipe.smoothing import certify, image_generator
+    from deploypipe.smoothing import CPU_FORWARD_BATCH, certify, image_generator
     from deploypipe.stages.certify.runtime import to_onnxruntime
     from deploypipe.stages.certify.classifier import prepare as _prepare
-    from deploypipe.stages.certify.config import CPU_FORWARD_BATCH, CertifyConfig
+    from deploypipe.stages.certify.config import CertifyConfig
 
     model = load_model(args.model).to(device).eval()
     data = load_data(DataSpec(source=args.data))

@@ -10,10 +10,10 @@ from deploypipe.data import ImageSet
 from deploypipe.errors import InputError
 from deploypipe.noise import noisy_images
 from deploypipe.progress import log
+from deploypipe.smoothing import CPU_FORWARD_BATCH, split
 
-from .config import CPU_FORWARD_BATCH, CertifyConfig
+from .config import CertifyConfig
 from .runtime import OnnxClassifier, to_onnxruntime
-from deploypipe.smoothing import split
 
 
 class Autocast(torch.nn.Module):

@@ -7,7 +7,6 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from deploypipe.schema import Schema
-from deploypipe.smoothing import CPU_FORWARD_BATCH
 
 MIN_FORWARD_CHUNK = 8  # out of memory: halve the forward chunk down to this before the batch size (other noise)
 
@@ -27,7 +26,8 @@ class CertifyConfig(Schema):
     forward_batch: Optional[int] = Field(
         None, ge=1,
         description="the model sees each step's copies in chunks of this many (the noise does not depend on it); null "
-                    f"= {CPU_FORWARD_BATCH} on the CPU, whose caches favour small batches, the whole step on a GPU")
+                    "= 64 on the CPU (deploypipe.smoothing.CPU_FORWARD_BATCH), whose caches favour small batches, the "
+                    "whole step on a GPU")
     model_right: Optional[str] = Field(
         None,
         description="DRS: the right-side base classifier (a saved model/ folder); default: the pipeline's model for "
