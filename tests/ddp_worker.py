@@ -9,6 +9,7 @@ import torch
 
 from deploypipe.config import DataSpec
 from deploypipe.data import load_data
+from deploypipe.distributed import barrier, destroy_process_group
 from deploypipe.training import GaussianNoise, Trainer, TrainOptions
 
 
@@ -26,3 +27,7 @@ if __name__ == "__main__":
     model = train()
     if torch.distributed.get_rank() == 0:
         torch.save(model.state_dict(), sys.argv[1])
+    # leave the group together: a rank that exits with gloo's threads still up can abort at teardown
+    # ("terminate called without an active exception", seen once in CI)
+    barrier()
+    destroy_process_group()
