@@ -141,13 +141,13 @@ def main() -> None:
                     "constrained": {"sensitivity": "noisy", "max_acr_loss": args.max_acr_loss}}
         results, layers = {}, {}
         for name, extra in variants.items():
-            tag = f"-loss{args.max_acr_loss}" if name == "constrained" else ""
-            cell = out / f"{name}{tag}-b{budget}.cell.json"  # a quantized cell is read back on a rerun
-            saved = out / f"{name}{tag}-b{budget}.model"  # and its model, until its certificates are done
+            key = f"{name}-loss{args.max_acr_loss}-b{budget}" if name == "constrained" else f"{name}-b{budget}"
+            cell = out / f"{key}.cell.json"  # a quantized cell is read back on a rerun
+            saved = out / f"{key}.model"  # and its model, until its certificates are done
             if cell.is_file():
                 c = json.loads(cell.read_text())
-                if not (out / f"{name}{tag}-b{budget}.json").is_file():
-                    certify(load_model(saved).to(device), f"{name}{tag}-b{budget}")
+                if not (out / f"{key}.json").is_file():
+                    certify(load_model(saved).to(device), key)
             else:
                 t0 = time.perf_counter()
                 q, rep = quantize(fp, calib, QuantizeConfig(**base, **extra), seed=0, device=device,
@@ -160,8 +160,8 @@ def main() -> None:
                      "top1": top1, "seconds": seconds, "rounds": rep.robust_rounds,
                      "selection_fp_acr": rep.metrics.get("selection_fp_acr"), "layers": rep.bit_allocation}
                 cell.write_text(json.dumps(c))
-                certify(q, f"{name}{tag}-b{budget}")
-            cert = summary(certify(None, f"{name}{tag}-b{budget}")["rows"])
+                certify(q, key)
+            cert = summary(certify(None, key)["rows"])
             results[name] = cert
             layers[name] = c.get("layers")
             diff = ("" if name == "clean" else

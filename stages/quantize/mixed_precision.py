@@ -78,14 +78,8 @@ class VoteLoss:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> float:
-        hits = sum(int((self._predictions(model, source) == self.top.to(self._device(model))).sum())
-                   for source in self.copies)
+        hits = sum(int((self._predictions(model, source) == self.top).sum()) for source in self.copies)
         return 1.0 - hits / (len(self.top) * len(self.copies))
-
-    @staticmethod
-    def _device(model: nn.Module) -> torch.device:
-        first = next(model.parameters(), None)
-        return first.device if first is not None else torch.device("cpu")
 
 
 @torch.no_grad()
